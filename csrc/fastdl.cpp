@@ -1,0 +1,56 @@
+// The fastdl operator library: every schema, declared once. Kernels register in csrc/cpu/<op>.cpp
+// (CPU), csrc/cuda/<op>_api.cpp (CUDA) or from Python (Triton launchers, fastdl/triton/<op>.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#ifdef FASTDL_WITH_CUDA
+#include "cuda/build_info.h"
+#endif
+
+#define FASTDL_STR2(x) #x
+#define FASTDL_STR(x) FASTDL_STR2(x)
+
+namespace fastdl {
+
+// "key=value;..." describing how this library was compiled; fastdl.info() parses it.
+std::string build_info() {
+  std::string info = "cpu_arch=" FASTDL_STR(FASTDL_CPU_ARCH);
+#ifdef _OPENMP
+  info += ";openmp=1";
+#else
+  info += ";openmp=0";
+#endif
+#ifdef FASTDL_WITH_CUDA
+  info += ";" + cuda::build_info();
+#else
+  info += ";cuda=none";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(fastdl, m) {
+  m.def("_build_info() -> str", &build_info);
+  // y = act(batch_norm(x) + residual); returns (y, mean, invstd, mask). mean/invstd are fp32 (fp64 for
+  // fp64 x), the batch statistics in training and the running ones in eval; mask (bool, x's shape) is
+  // act'(z) > 0, written only when save_mask and activation != "none", else empty.
+  m.def(
+      "batch_norm_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
+      "str activation, float slope, bool save_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
+  // residual_grad and activation != "none" (without an activation it equals grad_out).
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
+      "Tensor mask, bool training, str activation, float slope, bool residual_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+}  // namespace fastdl
+
+// An importable, empty Python module: loading it runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

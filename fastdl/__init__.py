@@ -1,0 +1,11 @@
+"""fastdl: fused Triton, CUDA and C++ kernels for PyTorch models, as drop-in modules.
+
+Importing fastdl never touches the GPU and never fails because the compiled extension is missing:
+ops then run their PyTorch references, and fastdl.info() says so.
+"""
+from fastdl import functional, ops  # noqa: F401  (registers the ops)
+from fastdl._info import info
+from fastdl.nn import FusedBatchNorm2d
+
+__version__ = "0.1.0"
+__all__ = ["FusedBatchNorm2d", "functional", "info"]

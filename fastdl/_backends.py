@@ -1,0 +1,74 @@
+"""Which backend runs each op for a device and dtype, and why: the one place that decides fallbacks.
+
+Backends: "cpp" (fastdl._C's CPU kernels), "triton" / "cuda" (GPU kernels), "reference" (the
+pure-PyTorch composition in fastdl/reference, used when no kernel applies; fastdl.info() says why).
+"""
+import functools
+from dataclasses import dataclass
+
+import torch
+
+import fastdl.triton as _triton
+from fastdl import _extension
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    gpu: str  # what runs it on CUDA tensors: "triton" or "cuda"
+    cpu_dtypes: tuple
+    gpu_dtypes: tuple
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "cpp", "triton", "cuda", "reference" or "unavailable"
+    reason: str
+
+
+OPS: dict = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    OPS[spec.name] = spec
+    return spec
+
+
+def _names(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+@functools.lru_cache(maxsize=None)
+def choose(op: str, device_type: str, dtype: torch.dtype) -> Backend:
+    """The backend that runs `op` on tensors of `device_type` and `dtype` (a device assumed present)."""
+    spec = OPS[op]
+    if not _extension.loaded():
+        return Backend("reference", f"fastdl._C is not loaded ({_extension.LOAD_ERROR})")
+    if device_type in ("cpu", "meta"):
+        if dtype not in spec.cpu_dtypes:
+            return Backend("reference", f"the C++ CPU kernel takes {_names(spec.cpu_dtypes)}")
+        return Backend("cpp", "C++ kernel (-march={})".format(_extension.build_info().get("cpu_arch")))
+    if device_type != "cuda":
+        return Backend("reference", f"fastdl has no kernels for {device_type} devices")
+    if dtype not in spec.gpu_dtypes:
+        return Backend("reference", f"the GPU kernel takes {_names(spec.gpu_dtypes)}")
+    if spec.gpu == "triton":
+        if not _triton.AVAILABLE:
+            return Backend("reference", f"Triton is not importable ({_triton.ERROR})")
+        return Backend("triton", "Triton kernel")
+    if not _extension.has_cuda_objects():
+        return Backend("reference", "fastdl._C was built without CUDA objects")
+    return Backend("cuda", "CUDA C++ kernel")
+
+
+def table(device_type: str):
+    """Rows (op, dtype, backend, reason) for every registered op on `device_type`."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    rows = []
+    for op in sorted(OPS):
+        for dtype in dtypes:
+            b = choose(op, device_type, dtype)
+            if device_type == "cuda" and not torch.cuda.is_available():
+                b = Backend("unavailable", f"no CUDA device visible; with one: {b.name} ({b.reason})")
+            rows.append((op, str(dtype).replace("torch.", ""), b.name, b.reason))
+    return rows

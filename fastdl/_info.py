@@ -1,0 +1,34 @@
+"""fastdl.info(): versions, devices, the extension's build, and each op's backend per device and why."""
+import platform
+
+import torch
+
+import fastdl.triton as _triton
+from fastdl import _backends, _extension
+
+
+def info() -> dict:
+    """A JSON-able description of what fastdl will run on this machine.
+
+    Keys: versions (fastdl, torch, triton, cuda, python), devices, threads, extension (loaded, error,
+    build), ops: a list of {op, device, dtype, backend, reason}.
+    """
+    import fastdl
+
+    triton_version = None
+    if _triton.AVAILABLE:
+        import triton
+
+        triton_version = triton.__version__
+    devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    ops = [dict(op=op, device=dev, dtype=dtype, backend=backend, reason=reason)
+           for dev in ("cpu", "cuda") for op, dtype, backend, reason in _backends.table(dev)]
+    return dict(
+        versions=dict(fastdl=fastdl.__version__, torch=torch.__version__, triton=triton_version,
+                      cuda=torch.version.cuda, python=platform.python_version()),
+        triton_error=_triton.ERROR,
+        devices=devices,
+        threads=torch.get_num_threads(),
+        extension=dict(loaded=_extension.loaded(), error=_extension.LOAD_ERROR, build=_extension.build_info()),
+        ops=ops,
+    )

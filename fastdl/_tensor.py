@@ -1,0 +1,12 @@
+"""Small tensor helpers shared by the op wrappers and the Triton launchers."""
+import torch
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an output of x keeps: channels_last for a 4-D x whose channels vary fastest
+    (dense or a strided view of such), else contiguous (as Tensor.suggest_memory_format)."""
+    if x.dim() != 4 or x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,60 @@
+"""FusedBatchNorm2d: nn.BatchNorm2d with an optional residual add and activation fused in."""
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fastdl import functional as F
+
+
+class FusedBatchNorm2d(_BatchNorm):
+    """Drop-in for nn.BatchNorm2d computing act(BN(x) + residual) in one pass.
+
+    Same constructor, parameters, buffers and state_dict as nn.BatchNorm2d, plus `activation`
+    (None, "relu", "relu6", "leaky_relu") and `negative_slope`. forward(x, residual=None):
+    x (N, C, H, W), residual of x's shape; the output keeps x's memory format.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, activation=None, negative_slope=0.01):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        F._bna._check_activation("none" if activation is None else activation)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.BatchNorm2d, *, activation=None, negative_slope=0.01):
+        """A FusedBatchNorm2d with bn's configuration, parameters and buffers (shared, not copied)."""
+        ref = bn.weight if bn.affine else bn.running_mean
+        m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                device=ref.device if ref is not None else None, activation=activation,
+                negative_slope=negative_slope)
+        for name in ("weight", "bias"):
+            setattr(m, name, getattr(bn, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(m, name, getattr(bn, name))
+        return m.train(bn.training)
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, input, residual=None):
+        self._check_input_dim(input)
+        # Momentum and statistics bookkeeping exactly as nn.BatchNorm2d.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return F.batch_norm_act(
+            input, self.running_mean if use_running else None, self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, factor, self.eps, residual=residual,
+            activation=self.activation, negative_slope=self.negative_slope)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                s += f", negative_slope={self.negative_slope}"
+        return s

@@ -1,0 +1,2 @@
+"""Ops: registration (fake impls, Triton kernels), autograd and dispatch, one module per op."""
+from fastdl.ops import batch_norm_act  # noqa: F401

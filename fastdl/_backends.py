@@ -3,7 +3,6 @@
 Backends: "cpp" (fastdl._C's CPU kernels), "triton" / "cuda" (GPU kernels), "reference" (the
 pure-PyTorch composition in fastdl/reference, used when no kernel applies; fastdl.info() says why).
 """
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,16 +37,16 @@ def _names(dtypes):
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-@functools.lru_cache(maxsize=None)
 def choose(op: str, device_type: str, dtype: torch.dtype) -> Backend:
-    """The backend that runs `op` on tensors of `device_type` and `dtype` (a device assumed present)."""
+    """The backend that runs `op` on tensors of `device_type` and `dtype` (a device assumed present).
+    Plain branching on constants, so torch.compile traces through it without a graph break."""
     spec = OPS[op]
     if not _extension.loaded():
         return Backend("reference", f"fastdl._C is not loaded ({_extension.LOAD_ERROR})")
     if device_type in ("cpu", "meta"):
         if dtype not in spec.cpu_dtypes:
             return Backend("reference", f"the C++ CPU kernel takes {_names(spec.cpu_dtypes)}")
-        return Backend("cpp", "C++ kernel (-march={})".format(_extension.build_info().get("cpu_arch")))
+        return Backend("cpp", "C++ kernel (-march={})".format(_extension.BUILD_INFO.get("cpu_arch")))
     if device_type != "cuda":
         return Backend("reference", f"fastdl has no kernels for {device_type} devices")
     if dtype not in spec.gpu_dtypes:

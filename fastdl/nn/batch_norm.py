@@ -36,6 +36,8 @@ class FusedBatchNorm2d(_BatchNorm):
     def _check_input_dim(self, input):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"input: expected {self.num_features} channels (num_features), got {input.shape[1]}")
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)

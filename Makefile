@@ -1,0 +1,30 @@
+# fastdl: `make test` (the CI command), `make demo` (the main job), `make bench`.
+# Each target sets everything up itself: a .venv with the pinned dev dependencies, then the
+# extension (C++ kernels, plus CUDA objects when a CUDA toolkit is found) built in place.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export MAX_JOBS ?= 2
+
+.PHONY: build test demo bench clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+build: $(VENV)/.deps
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(BIN)/python -m pytest tests
+
+demo: build
+	$(BIN)/python -m fastdl info
+	$(BIN)/python -m fastdl check
+
+bench: build
+	$(BIN)/python -m pytest benchmarks --benchmark-enable
+
+clean:
+	rm -rf build *.egg-info fastdl/*.so .pytest_cache .benchmarks

@@ -1,0 +1,69 @@
+"""The fastdl command line: `fastdl info`, `fastdl check` (also `python -m fastdl ...`)."""
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _table(headers, rows):
+    widths = [max(len(str(v)) for v in col) for col in zip(headers, *rows)]
+    line = lambda vals: "  ".join(str(v).ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def cmd_info(args):
+    import fastdl
+
+    info = fastdl.info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    v, ext = info["versions"], info["extension"]
+    print(f"fastdl {v['fastdl']}  torch {v['torch']}  triton {v['triton'] or '-'}  CUDA {v['cuda'] or '-'}  "
+          f"python {v['python']}")
+    print(f"devices: {', '.join(info['devices'])}  ({info['threads']} CPU threads)")
+    if ext["loaded"]:
+        b = ext["build"]
+        cuda = "no CUDA objects" if b.get("cuda") == "none" else f"CUDA {b['cuda']} objects for sm {b['cuda_archs']}"
+        print(f"extension: fastdl._C loaded: C++ kernels (-march={b['cpu_arch']}, OpenMP {b['openmp']}), {cuda}")
+    else:
+        print(f"extension: not loaded ({ext['error']})")
+    if info["triton_error"]:
+        print(f"triton: {info['triton_error']}")
+    print()
+    print(_table(("op", "device", "dtype", "backend", "why"),
+                 [(r["op"], r["device"], r["dtype"], r["backend"], r["reason"]) for r in info["ops"]]))
+    return 0
+
+
+def cmd_check(args):
+    from fastdl import check
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastdl check: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    rows = check.run(device)
+    print(_table(("op", "case", "backend", "output", "result", "detail"),
+                 [(op, case, be, out, "PASS" if ok else "FAIL", msg) for op, case, be, out, ok, msg in rows]))
+    failed = sum(not r[4] for r in rows)
+    print(f"\n{len(rows) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastdl", description="fastdl: fused kernels for PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, devices, and which backend each op uses, and why")
+    p.add_argument("--json", action="store_true", help="print fastdl.info() as JSON")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("check", help="every op against its PyTorch reference on this machine")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
+    p.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`fastdl check`: every op against its float64 PyTorch reference on this machine, as table rows."""
+import itertools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as tF
+
+from fastdl import _backends
+from fastdl.nn import FusedBatchNorm2d
+from fastdl.testing import check_close
+
+ACTIVATIONS = {None: lambda z: z, "relu": tF.relu, "relu6": tF.relu6, "leaky_relu": tF.leaky_relu}
+
+
+def _dtypes(device):
+    # fp16 / bf16 on the GPU are held to "twice PyTorch's own error" by the cuda tests, not here.
+    return (torch.float32, torch.float64)
+
+
+def check_batch_norm_act(device):
+    """Rows (op, case, backend, output, ok, message): FusedBatchNorm2d vs nn.BatchNorm2d + add + act
+    in float64, one training step then one eval step, for each dtype, layout and activation."""
+    shape, C = (4, 6, 7, 5), 6
+    n = shape[0] * shape[2] * shape[3]
+    for dtype, cl, act in itertools.product(_dtypes(device), (False, True), ACTIVATIONS):
+        g = torch.Generator().manual_seed(0)
+        ref = nn.BatchNorm2d(C, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5, generator=g)
+            ref.bias.uniform_(-0.5, 0.5, generator=g)
+        ours = FusedBatchNorm2d(C, activation=act, device=device,
+                                dtype=dtype if dtype == torch.float64 else torch.float32)
+        ours.load_state_dict(ref.state_dict())
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        case = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{'channels_last' if cl else 'nchw'}-{act or 'none'}"
+        backend = _backends.choose("batch_norm_act", device, dtype).name
+        for training in (True, False):
+            ref.train(training), ours.train(training)
+            x, r, dy = (torch.randn(shape, generator=g, dtype=torch.float64).to(device) for _ in range(3))
+            x64, r64 = x.clone().requires_grad_(), r.clone().requires_grad_()
+            y64 = ACTIVATIONS[act](ref(x64) + r64)
+            want = (y64,) + torch.autograd.grad(y64, (x64, r64, ref.weight, ref.bias), dy)
+            xt, rt = (t.to(dtype, memory_format=fmt).requires_grad_() for t in (x, r))
+            yt = ours(xt, rt)
+            got = (yt,) + torch.autograd.grad(yt, (xt, rt, ours.weight, ours.bias), dy.to(dtype, memory_format=fmt))
+            names = ("y", "grad_x", "grad_residual", "grad_weight", "grad_bias")
+            for name, a, b in zip(names, got, want):
+                ok, msg = check_close(a, b, dtype, n=n if name in ("grad_weight", "grad_bias") else 1)
+                yield ("batch_norm_act", f"{case}-{'train' if training else 'eval'}", backend, name, ok, msg)
+        for name in ("running_mean", "running_var"):
+            ok, msg = check_close(getattr(ours, name), getattr(ref, name), dtype, n=n)
+            yield ("batch_norm_act", f"{case}-stats", backend, name, ok, msg)
+
+
+CHECKS = {"batch_norm_act": check_batch_norm_act}
+
+
+def run(device):
+    """All rows for `device` ("cpu" or "cuda")."""
+    return [row for check in CHECKS.values() for row in check(device)]

@@ -12,9 +12,8 @@ from fastdl.testing import check_close
 ACTIVATIONS = {None: lambda z: z, "relu": tF.relu, "relu6": tF.relu6, "leaky_relu": tF.leaky_relu}
 
 
-def _dtypes(device):
-    # fp16 / bf16 on the GPU are held to "twice PyTorch's own error" by the cuda tests, not here.
-    return (torch.float32, torch.float64)
+# fp16 / bf16 on the GPU are held to "twice PyTorch's own error" by the cuda tests, not here.
+DTYPES = (torch.float32, torch.float64)
 
 
 def check_batch_norm_act(device):
@@ -22,7 +21,7 @@ def check_batch_norm_act(device):
     in float64, one training step then one eval step, for each dtype, layout and activation."""
     shape, C = (4, 6, 7, 5), 6
     n = shape[0] * shape[2] * shape[3]
-    for dtype, cl, act in itertools.product(_dtypes(device), (False, True), ACTIVATIONS):
+    for dtype, cl, act in itertools.product(DTYPES, (False, True), ACTIVATIONS):
         g = torch.Generator().manual_seed(0)
         ref = nn.BatchNorm2d(C, dtype=torch.float64, device=device)
         with torch.no_grad():

@@ -49,12 +49,12 @@ def fastdl_backends(device):
             if op["op"] == "batch_norm_act" and op["device"] == device}
 
 
-def make_case(shape, dtype, mode, pass_, backend, channels_last=False):
+def make_case(shape, dtype, mode, pass_, backends, channels_last=False):
     N, C, H, W = shape
     name = f"N{N}-C{C}-H{H}-W{W}-{DTYPE_NAMES[dtype]}-{mode}-{pass_}" + ("-cl" if channels_last else "")
-    return {"name": name, "shape": list(shape), "dtype": dtype_name(dtype),
+    return {"op": "batch_norm_act", "name": name, "shape": list(shape), "dtype": dtype_name(dtype),
             "memory_format": "channels_last" if channels_last else "contiguous", "mode": mode, "pass": pass_,
-            "bytes": traffic_bytes(shape, dtype, mode, pass_), "backend": backend}
+            "bytes": traffic_bytes(shape, dtype, mode, pass_), "backend": backends.get(dtype_name(dtype))}
 
 
 def cases(device, quick):
@@ -62,9 +62,9 @@ def cases(device, quick):
     dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
     shapes, passes = (QUICK_SHAPES, QUICK_PASSES) if quick else (SHAPES, PASSES)
     backends = fastdl_backends(device)
-    out = [make_case(s, d, mode, p, backends.get(dtype_name(d))) for d in dtypes for s in shapes for mode, p in passes]
+    out = [make_case(s, d, mode, p, backends) for d in dtypes for s in shapes for mode, p in passes]
     if not quick:
-        out += [make_case(CHANNELS_LAST_SHAPE, d, mode, p, backends.get(dtype_name(d)), channels_last=True)
+        out += [make_case(CHANNELS_LAST_SHAPE, d, mode, p, backends, channels_last=True)
                 for d in dtypes for mode, p in passes]
     return out
 
@@ -98,7 +98,7 @@ def make_module(impl, num_features):
 
 
 def make_step(module, case, device):
-    """A function running one forward (and backward) of `module` on fresh random inputs of the case."""
+    """A function running one forward (and backward) of `module` on random inputs of the case, made once."""
     dtype = getattr(torch, case["dtype"])
     fmt = torch.channels_last if case["memory_format"] == "channels_last" else torch.contiguous_format
     needs_grad = case["mode"] == "train" or case["pass"] == "fwd+bwd"

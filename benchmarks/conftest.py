@@ -1,17 +1,18 @@
 """The benchmark harness: options, timing, and one JSON file of results per run.
 
-Each benchmark is a pytest test taking `case` (a dict describing what is measured: name, shape,
-dtype, mode, pass, bytes) and `impl` ("fastdl", "eager" or "compile"), and calling
-`measure(step, case, impl)`. pytest-benchmark times the step and prints its table, grouped by case;
-on CUDA the step synchronizes, and the number kept is triton.testing.do_bench's median (CUDA
-events, L2 flushed between calls). At the end of the session the medians of the impls of each case
-are set side by side, and written with the conditions of the run (device, versions, commit, date,
-threads) to one JSON file.
+Each benchmark is a pytest test taking `case` (a dict describing what is measured: op, name,
+shape, dtype, mode, pass, bytes: the traffic its GB/s are counted from) and `impl` ("fastdl",
+"eager" or "compile"), and calling `measure(step, case, impl)`. pytest-benchmark times the step and
+prints its table, grouped by case; on CUDA the step synchronizes, and the number kept is
+triton.testing.do_bench's median (CUDA events, L2 flushed between calls). At the end of the session
+the medians of the impls of each case are set side by side and written, with the conditions of the
+run (device, versions, commit, date, threads), to one JSON file.
 
     python -m pytest benchmarks/bench_batch_norm_act.py [--quick] [--device cuda] [--json-out PATH]
 """
 import datetime
 import json
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ IMPLS = ("fastdl", "eager", "compile")
 
 @dataclass
 class Run:
-    """What a session measured: per case name, the case and a median (and on CUDA peak memory) per impl."""
+    """What a session measured: per (op, case name), the case and a median (on CUDA, peak memory) per impl."""
     records: dict = field(default_factory=dict)
-    out: dict = None  # the JSON written at the end, and where
+    out: dict = None  # the JSON written at the end of the session, and where
     path: Path = None
 
 
@@ -40,7 +41,7 @@ RUN = pytest.StashKey[Run]()
 def pytest_addoption(parser):
     group = parser.getgroup("fastdl benchmarks")
     group.addoption("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    group.addoption("--quick", action="store_true", help="a few small shapes, to try the harness")
+    group.addoption("--quick", action="store_true", help="a few small cases, to try the harness")
     group.addoption("--json-out", metavar="PATH",
                     help="where to write the results (default: benchmarks/results/latest-<device>.json)")
 
@@ -61,11 +62,6 @@ def device(pytestconfig):
     if name == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda: no CUDA device visible")
     return torch.device(name)
-
-
-@pytest.fixture(scope="session")
-def quick(pytestconfig):
-    return pytestconfig.getoption("--quick")
 
 
 def synchronized(fn, device):
@@ -101,13 +97,15 @@ def measure(benchmark, pytestconfig, device):
         benchmark(timed)
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
             return
-        record = pytestconfig.stash[RUN].records.setdefault(case["name"], dict(case=case, seconds={}, peak_bytes={}))
-        record["seconds"][impl] = benchmark.stats.stats.median
+        key = (case["op"], case["name"])
+        record = pytestconfig.stash[RUN].records.setdefault(key, dict(case=case, seconds={}, peak_bytes={}))
         if device.type == "cuda":
             import triton.testing
 
             record["seconds"][impl] = triton.testing.do_bench(step, return_mode="median") / 1e3
             record["peak_bytes"][impl] = peak_memory(step, device)
+        else:
+            record["seconds"][impl] = benchmark.stats.stats.median
     return run
 
 
@@ -136,14 +134,14 @@ def summarize(record, copy_bps):
 
 
 def git_commit():
-    """The short hash of HEAD, with '-dirty' when the work tree differs from it; 'unknown' outside git."""
+    """HEAD's short hash, '-dirty' when tracked files differ from it; else $FASTDL_COMMIT or 'unknown'."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("FASTDL_COMMIT", "unknown")
 
 
 def device_name(device):
@@ -185,12 +183,12 @@ def pytest_sessionfinish(session):
     run.path.write_text(json.dumps(run.out, indent=1) + "\n")
 
 
-def _ms(s):
-    return f"{s * 1e3:9.3f}" if s else f"{'-':>9}"
+def _ms(seconds):
+    return f"{seconds * 1e3:9.3f}" if seconds else f"{'-':>9}"
 
 
-def _x(r):
-    return f"{r:7.2f}x" if r else f"{'-':>8}"
+def _x(ratio):
+    return f"{ratio:7.2f}x" if ratio else f"{'-':>8}"
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -199,8 +197,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if run.out is None:
         return
     out, tr = run.out, terminalreporter
-    tr.section(f"fastdl vs eager vs torch.compile on {out['device_name']} ({out['threads']} threads)")
     cuda = out["copy_gbps"] is not None
+    tr.section(f"fastdl vs eager vs torch.compile on {out['device_name']} ({out['threads']} threads)")
     head = f"{'case':44} {'fastdl ms':>9} {'eager ms':>9} {'compile':>9} {'eager/':>8} {'compile/':>8}"
     tr.write_line(head + (f" {'GB/s':>7} {'of copy':>7}" if cuda else ""))
     for row in out["cases"]:

@@ -6,7 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/batch_norm_act.h"
@@ -106,54 +107,66 @@ inline bool act_mask(T z) {  // the condition under which act'(z) is 1
   return z > T(0);
 }
 
+// dz = dy * act'(z) from the saved mask (0 / 1): arithmetic, not a branch, so it vectorizes.
 template <Act A, typename T>
-inline T act_backward(T dy, bool mask, T slope) {
+inline T act_backward(T dy, uint8_t mask, T slope) {
   if constexpr (A == Act::None) return dy;
-  if constexpr (A == Act::LeakyRelu) return mask ? dy : dy * slope;
-  return mask ? dy : T(0);
+  if constexpr (A == Act::LeakyRelu) return dy * (slope + (T(1) - slope) * T(mask));
+  return dy * T(mask);
 }
 
 // Calls f(offset, len, channel, per_channel) over x in parallel: for planes, a run of HW values of
-// one channel (per_channel false); for rows, a run of C values, one per channel (per_channel true).
+// one channel (per_channel: std::false_type); for rows, a run of C values, one per channel
+// (std::true_type). Per-channel arrays are then indexed [i * per_channel] from `channel`.
 template <typename F>
 void for_each_run(const Layout& l, F f) {
   if (!l.channels_last) {
     at::parallel_for(0, l.N * l.C, std::max<int64_t>(1, 16384 / std::max<int64_t>(l.HW, 1)),
                      [&](int64_t b, int64_t e) {
-                       for (int64_t p = b; p < e; ++p) f(p * l.HW, l.HW, p % l.C, false);
+                       for (int64_t p = b; p < e; ++p) f(p * l.HW, l.HW, p % l.C, std::false_type{});
                      });
   } else {
     at::parallel_for(0, l.N * l.HW, std::max<int64_t>(1, 16384 / l.C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) f(r * l.C, l.C, 0, true);
+      for (int64_t r = b; r < e; ++r) f(r * l.C, l.C, 0, std::true_type{});
     });
   }
+}
+
+// Calls f(std::bool_constant<a>{}, std::bool_constant<b>{}): optional inputs become compile-time
+// flags, so the inner loops carry no null checks.
+template <typename F>
+void dispatch_flags(bool a, bool b, F f) {
+  if (a && b) return f(std::true_type{}, std::true_type{});
+  if (a) return f(std::true_type{}, std::false_type{});
+  if (b) return f(std::false_type{}, std::true_type{});
+  return f(std::false_type{}, std::false_type{});
 }
 
 // y = act((x - mean[c]) * scale[c] + shift[c] + residual); mask = act'(...) > 0 when mask != null.
 template <Act A, typename T>
 void apply_forward(const T* x, const T* res, const T* mean, const T* scale, const T* shift, T slope,
                    T* y, bool* mask, const Layout& l) {
-  for_each_run(l, [&](int64_t off, int64_t len, int64_t c, bool per_channel) {
-    const T* xp = x + off;
-    T* yp = y + off;
-    const T* mp = mean + c;
-    const T* sp = scale + c;
-    const T* hp = shift + c;
-    const int64_t k = per_channel ? 1 : 0;  // channel stride within the run
-    const T* rp = res ? res + off : nullptr;
-    bool* mk = mask ? mask + off : nullptr;
+  dispatch_flags(res != nullptr, mask != nullptr, [&](auto has_res, auto has_mask) {
+    for_each_run(l, [&](int64_t off, int64_t len, int64_t c, auto per_channel) {
+      constexpr int64_t k = decltype(per_channel)::value;
+      const T *xp = x + off, *mp = mean + c, *sp = scale + c, *hp = shift + c;
+      const T* rp = decltype(has_res)::value ? res + off : nullptr;
+      bool* mk = decltype(has_mask)::value ? mask + off : nullptr;
+      T* yp = y + off;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const T z = (xp[i] - mp[i * k]) * sp[i * k] + hp[i * k] + (rp ? rp[i] : T(0));
-      yp[i] = act_forward<A>(z, slope);
-      if (mk) mk[i] = act_mask<A>(z);
-    }
+      for (int64_t i = 0; i < len; ++i) {
+        T z = (xp[i] - mp[i * k]) * sp[i * k] + hp[i * k];
+        if constexpr (decltype(has_res)::value) z += rp[i];
+        yp[i] = act_forward<A>(z, slope);
+        if constexpr (decltype(has_mask)::value) mk[i] = act_mask<A>(z);
+      }
+    });
   });
 }
 
 // Per-channel sums of dz and dz * (x - mean), dz = dy * act'(z).
 template <Act A, typename T>
-void grad_sums(const T* dy, const T* x, const bool* mask, const T* mean, T slope, const Layout& l,
+void grad_sums(const T* dy, const T* x, const uint8_t* mask, const T* mean, T slope, const Layout& l,
                std::vector<double>& sum_dz, std::vector<double>& sum_dzx) {
   if (!l.channels_last) {
     const int64_t P = l.N * l.C;
@@ -164,12 +177,14 @@ void grad_sums(const T* dy, const T* x, const bool* mask, const T* mean, T slope
         double a1 = 0, a2 = 0;
         for (int64_t start = 0; start < l.HW; start += kChunk) {
           const int64_t o = p * l.HW + start, n = std::min(kChunk, l.HW - start);
+          const T *dyp = dy + o, *xp = x + o;  // local pointers: contiguous loads, not gathers
+          const uint8_t* mk = A == Act::None ? nullptr : mask + o;
           T c1 = 0, c2 = 0;
 #pragma omp simd reduction(+ : c1, c2)
           for (int64_t i = 0; i < n; ++i) {
-            const T dz = act_backward<A>(dy[o + i], mask ? mask[o + i] : false, slope);
+            const T dz = act_backward<A>(dyp[i], A == Act::None ? uint8_t(0) : mk[i], slope);
             c1 += dz;
-            c2 += dz * (x[o + i] - m);
+            c2 += dz * (xp[i] - m);
           }
           a1 += c1;
           a2 += c2;
@@ -193,12 +208,13 @@ void grad_sums(const T* dy, const T* x, const bool* mask, const T* mean, T slope
       T* a1 = p1.data() + blk * C;
       T* a2 = p2.data() + blk * C;
       for (int64_t r = blk * R; r < std::min(M, (blk + 1) * R); ++r) {
-        const int64_t o = r * C;
+        const T *dyp = dy + r * C, *xp = x + r * C, *mp = mean;
+        const uint8_t* mk = A == Act::None ? nullptr : mask + r * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const T dz = act_backward<A>(dy[o + c], mask ? mask[o + c] : false, slope);
+          const T dz = act_backward<A>(dyp[c], A == Act::None ? uint8_t(0) : mk[c], slope);
           a1[c] += dz;
-          a2[c] += dz * (x[o + c] - mean[c]);
+          a2[c] += dz * (xp[c] - mp[c]);
         }
       }
     }
@@ -212,22 +228,22 @@ void grad_sums(const T* dy, const T* x, const bool* mask, const T* mean, T slope
 
 // dx = dz * a[c] + (x - mean[c]) * b[c] + d[c]; dres = dz when dres != null.
 template <Act A, typename T>
-void apply_backward(const T* dy, const T* x, const bool* mask, const T* mean, const T* a, const T* b,
+void apply_backward(const T* dy, const T* x, const uint8_t* mask, const T* mean, const T* a, const T* b,
                     const T* d, T slope, T* dx, T* dres, const Layout& l) {
-  for_each_run(l, [&](int64_t off, int64_t len, int64_t c, bool per_channel) {
-    const int64_t k = per_channel ? 1 : 0;
-    const T* mp = mean + c;
-    const T* ap = a + c;
-    const T* bp = b + c;
-    const T* dp = d + c;
-    const bool* mk = mask ? mask + off : nullptr;
-    T* rp = dres ? dres + off : nullptr;
+  dispatch_flags(dres != nullptr, false, [&](auto has_dres, auto) {
+    for_each_run(l, [&](int64_t off, int64_t len, int64_t c, auto per_channel) {
+      constexpr int64_t k = decltype(per_channel)::value;
+      const T *dyp = dy + off, *xp = x + off, *mp = mean + c, *ap = a + c, *bp = b + c, *dp = d + c;
+      const uint8_t* mk = A == Act::None ? nullptr : mask + off;
+      T* rp = decltype(has_dres)::value ? dres + off : nullptr;
+      T* dxp = dx + off;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const T dz = act_backward<A>(dy[off + i], mk ? mk[i] : false, slope);
-      dx[off + i] = dz * ap[i * k] + (x[off + i] - mp[i * k]) * bp[i * k] + dp[i * k];
-      if (rp) rp[i] = dz;
-    }
+      for (int64_t i = 0; i < len; ++i) {
+        const T dz = act_backward<A>(dyp[i], A == Act::None ? uint8_t(0) : mk[i], slope);
+        dxp[i] = dz * ap[i * k] + (xp[i] - mp[i * k]) * bp[i * k] + dp[i * k];
+        if constexpr (decltype(has_dres)::value) rp[i] = dz;
+      }
+    });
   });
 }
 

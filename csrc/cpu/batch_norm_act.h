@@ -35,7 +35,7 @@ struct BackwardParams {
   Layout layout;
   const T* grad_out;
   const T* x;
-  const bool* mask;      // null when act == None
+  const uint8_t* mask;   // null when act == None: act'(z) != 0 as 0 / 1 (a bool tensor's bytes)
   const T* weight;       // nullable
   const T* mean;         // [C]
   const T* invstd;       // [C]

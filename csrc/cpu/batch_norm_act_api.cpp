@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, c
   Tensor grad_res = with_res ? at::empty_like(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward", [&] {
     BackwardParams<scalar_t> p{layout_of(x), grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                               act != Act::None ? mask.data_ptr<bool>() : nullptr, ptr<scalar_t>(w),
+                               act != Act::None ? reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()) : nullptr, ptr<scalar_t>(w),
                                m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
                                grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
                                with_res ? grad_res.data_ptr<scalar_t>() : nullptr, training, slope, act};

@@ -1,5 +1,6 @@
-// The fastdl operator library: every schema, declared once. Kernels register in csrc/cpu/<op>.cpp
-// (CPU), csrc/cuda/<op>_api.cpp (CUDA) or from Python (Triton launchers, fastdl/triton/<op>.py).
+// The fastdl operator library: every schema, declared once. Kernels register in
+// csrc/cpu/<op>_api.cpp (CPU), csrc/cuda/<op>_api.cpp (CUDA) or from Python (the Triton launchers
+// of fastdl/triton/<op>.py, registered in fastdl/ops/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 

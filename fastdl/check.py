@@ -27,8 +27,7 @@ def check_batch_norm_act(device):
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5, generator=g)
             ref.bias.uniform_(-0.5, 0.5, generator=g)
-        ours = FusedBatchNorm2d(C, activation=act, device=device,
-                                dtype=dtype if dtype == torch.float64 else torch.float32)
+        ours = FusedBatchNorm2d(C, activation=act, device=device, dtype=dtype)
         ours.load_state_dict(ref.state_dict())
         fmt = torch.channels_last if cl else torch.contiguous_format
         case = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{'channels_last' if cl else 'nchw'}-{act or 'none'}"

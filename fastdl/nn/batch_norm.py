@@ -8,14 +8,17 @@ from fastdl import functional as F
 class FusedBatchNorm2d(_BatchNorm):
     """Drop-in for nn.BatchNorm2d computing act(BN(x) + residual) in one pass.
 
-    Same constructor, parameters, buffers and state_dict as nn.BatchNorm2d, plus `activation`
-    (None, "relu", "relu6", "leaky_relu") and `negative_slope`. forward(x, residual=None):
-    x (N, C, H, W), residual of x's shape; the output keeps x's memory format.
+    Same constructor, parameters, buffers and state_dict as nn.BatchNorm2d (including `bias=False`
+    where the installed torch has it), plus `activation` (None, "relu", "relu6", "leaky_relu") and
+    `negative_slope`. forward(x, residual=None): x (N, C, H, W), residual of x's shape; the output
+    keeps x's memory format.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, activation=None, negative_slope=0.01):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 device=None, dtype=None, *, bias=True, activation=None, negative_slope=0.01):
+        # bias=False (torch >= 2.14) is passed on only when asked for, so older torch keeps working.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **({} if bias else {"bias": False}))
         F._bna._check_activation("none" if activation is None else activation)
         self.activation = activation
         self.negative_slope = negative_slope
@@ -25,8 +28,8 @@ class FusedBatchNorm2d(_BatchNorm):
         """A FusedBatchNorm2d with bn's configuration, parameters and buffers (shared, not copied)."""
         ref = bn.weight if bn.affine else bn.running_mean
         m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                device=ref.device if ref is not None else None, activation=activation,
-                negative_slope=negative_slope)
+                device=ref.device if ref is not None else None, bias=not bn.affine or bn.bias is not None,
+                activation=activation, negative_slope=negative_slope)
         for name in ("weight", "bias"):
             setattr(m, name, getattr(bn, name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):

@@ -58,7 +58,8 @@ class Pair:
         if self.ref.affine:
             with torch.no_grad():
                 self.ref.weight.uniform_(0.5, 1.5)
-                self.ref.bias.uniform_(-0.5, 0.5)
+                if self.ref.bias is not None:
+                    self.ref.bias.uniform_(-0.5, 0.5)
         param_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         self.fused = impl(C, activation=act, negative_slope=slope, dtype=param_dtype,
                                              device=device, **kw)
@@ -86,8 +87,8 @@ class Pair:
         ref_grads = torch.autograd.grad(y64, grads, dy)
         fused_in = [t for t in (xf, rf) if t is not None] + list(self.fused.parameters())
         fused_grads = torch.autograd.grad(yf, fused_in, lay_out(dy.to(self.dtype), layout))
-        names = ["grad_x"] + (["grad_residual"] if residual else []) + (
-            ["grad_weight", "grad_bias"] if self.ref.affine else [])
+        names = ["grad_x"] + (["grad_residual"] if residual else []) + [
+            f"grad_{n}" for n, _ in self.ref.named_parameters()]
         out = {"y": (yf, y64), **{n: (a, b) for n, a, b in zip(names, fused_grads, ref_grads)}}
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(self.ref, name) is not None:
@@ -387,3 +388,14 @@ def test_cuda_module(shape, act, layout, dtype):
                 limit = 2 * max_error(theirs[name][0], want) + TOLERANCES[dtype][0]
                 err = max_error(got, want)
                 assert err <= limit, f"{name}: error {err:.3g} > 2x PyTorch's ({limit:.3g})"
+
+
+@pytest.mark.skipif("bias" not in (nn.BatchNorm2d.__init__.__kwdefaults__ or {}),
+                    reason="nn.BatchNorm2d(bias=False) needs torch >= 2.14")
+def test_bias_false_like_batchnorm2d():
+    ref = nn.BatchNorm2d(5, bias=False)
+    fused = fastdl.FusedBatchNorm2d(5, bias=False, activation="relu")
+    fused.load_state_dict(ref.state_dict())
+    assert fused.bias is None and list(fused.state_dict()) == list(ref.state_dict())
+    assert fastdl.FusedBatchNorm2d.from_module(ref).bias is None
+    check(Pair(5, "relu", torch.float64, bias=False).step((3, 5, 4, 4)), torch.float64, (3, 5, 4, 4))

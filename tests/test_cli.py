@@ -1,0 +1,38 @@
+"""The fastdl command line: info and check print their tables; bad arguments exit non-zero."""
+import json
+
+import pytest
+import torch
+
+from fastdl.__main__ import main
+
+
+def test_info_table(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "batch_norm_act  cpu     float32   cpp" in out
+    assert "extension: fastdl._C loaded" in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["torch"] == torch.__version__ and info["ops"]
+
+
+def test_check_passes_on_cpu(capsys):
+    assert main(["check", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.rstrip().endswith("passed, 0 failed")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_check_cuda_without_gpu_says_so(capsys):
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2():
+    with pytest.raises(SystemExit) as e:
+        main(["bogus"])
+    assert e.value.code == 2

@@ -17,6 +17,9 @@ namespace fastdl::cpu {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per two-pass chunk: stays in L1 between the passes
+// channels_last: elements per block of rows reduced to one per-channel partial. Large enough that
+// merging the partials stays cheap, small enough (128 KB of fp32) to stay in L2 between two passes.
+constexpr int64_t kRowBlock = 32768;
 
 struct Moments {  // count, mean and sum of squared deviations of a set of values
   double n = 0, mean = 0, m2 = 0;
@@ -61,7 +64,7 @@ std::vector<Moments> channel_moments(const T* x, const Layout& l) {
     return out;
   }
   const int64_t M = l.N * l.HW, C = l.C;
-  const int64_t R = std::max<int64_t>(1, kChunk * 4 / C);  // rows per block
+  const int64_t R = std::max<int64_t>(1, kRowBlock / C);  // rows per block
   const int64_t blocks = (M + R - 1) / R;
   std::vector<T> mean_part(blocks * C), m2_part(blocks * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -200,7 +203,7 @@ void grad_sums(const T* dy, const T* x, const uint8_t* mask, const T* mean, T sl
     return;
   }
   const int64_t M = l.N * l.HW, C = l.C;
-  const int64_t R = std::max<int64_t>(1, kChunk * 4 / C);
+  const int64_t R = std::max<int64_t>(1, kRowBlock / C);
   const int64_t blocks = (M + R - 1) / R;
   std::vector<T> p1(blocks * C, T(0)), p2(blocks * C, T(0));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

@@ -87,6 +87,10 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, residual, trainin
     if _backends.choose(SPEC.name, x.device.type, x.dtype).name == "reference":
         return reference.batch_norm_act(x, running_mean, running_var, weight, bias, residual, training,
                                         momentum, eps, activation, slope)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))):
+        # Inference (no_grad, or nothing requires grad): no autograd node and no mask for backward.
+        return torch.ops.fastdl.batch_norm_act_forward(x, weight, bias, residual, running_mean, running_var,
+                                                       training, momentum, eps, activation, slope, False)[0]
     return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
                                momentum, eps, activation, slope)
 

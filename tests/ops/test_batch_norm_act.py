@@ -121,6 +121,32 @@ def test_train_steps_then_eval(shape, act, residual, layout, dtype):
     check(pair.train(False).step(shape, layout, residual, seed=3), dtype, shape)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad_mode", ["no_grad", "no-input-requires-grad"])
+def test_inference_runs_the_op_without_autograd(monkeypatch, training, grad_mode):
+    """With no gradient to compute, the forward op runs directly: no autograd node, and no mask
+    written for a backward that will not come (under no_grad, ctx.needs_input_grad would still say
+    the weight needs one)."""
+    pair = Pair(4, "relu", torch.float64).train(training)
+
+    def refuse(*args):
+        raise AssertionError("the autograd.Function ran although no gradient can be taken")
+    monkeypatch.setattr(F._bna._BatchNormAct, "apply", refuse)
+    x, r = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    if grad_mode == "no_grad":
+        with torch.no_grad():
+            y = pair.fused(x, r)
+    else:
+        pair.fused.requires_grad_(False)
+        y = pair.fused(x, r)
+    with torch.no_grad():
+        want = tF.relu(pair.ref(x) + r)
+    assert y.grad_fn is None
+    assert_close("y", y, want, dtype=torch.float64)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(name, getattr(pair.fused, name), getattr(pair.ref, name), dtype=torch.float64, n=18)
+
+
 def test_output_keeps_memory_format():
     bn = fastdl.FusedBatchNorm2d(8, activation="relu")
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)

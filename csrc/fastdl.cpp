@@ -46,6 +46,16 @@ TORCH_LIBRARY(fastdl, m) {
       "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, "
       "Tensor mask, bool training, str activation, float slope, bool residual_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Depthwise conv2d (weight (C * multiplier, 1, KH, KW), groups = C): y = act((conv(x) + bias) *
+  // scale + shift), in x's memory format; activation "none", "relu" or "relu6".
+  m.def(
+      "depthwise_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "int[2] stride, int[2] padding, int[2] dilation, str activation) -> Tensor");
+  // Gradients of conv(x) (no epilogue): (grad_x in x's memory format, grad_weight of weight's shape);
+  // each is empty unless asked for by output_mask.
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 }  // namespace fastdl

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as tF
 
 from fastdl import _backends
+from fastdl import functional as F
 from fastdl.nn import FusedBatchNorm2d
 from fastdl.testing import check_close
 
@@ -50,7 +51,35 @@ def check_batch_norm_act(device):
             yield ("batch_norm_act", f"{case}-stats", backend, name, ok, msg)
 
 
-CHECKS = {"batch_norm_act": check_batch_norm_act}
+def check_depthwise_conv2d(device):
+    """Rows (op, case, backend, output, ok, message): fastdl.functional.depthwise_conv2d vs
+    F.conv2d(groups=C) in float64, output and the input, weight and bias gradients, for each dtype,
+    layout and a few kernel / stride / dilation / multiplier settings."""
+    settings = [(3, 1, 1, 1), (5, 2, 2, 1), (7, 1, 1, 2)]  # kernel, stride, dilation, multiplier
+    for dtype, cl, (k, stride, dil, mult) in itertools.product(DTYPES, (False, True), settings):
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+                   for shape in ((2, 4, 11, 9), (4 * mult, 1, k, k), (4 * mult,)))
+        pad = dil * (k - 1) // 2
+        x64, w64, b64 = (t.clone().requires_grad_() for t in (x, w, b))
+        y64 = tF.conv2d(x64, w64, b64, stride, pad, dil, groups=4)
+        dy = torch.randn(y64.shape, generator=g, dtype=torch.float64).to(device)
+        want = (y64,) + torch.autograd.grad(y64, (x64, w64, b64), dy)
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        xt = x.to(dtype, memory_format=fmt).requires_grad_()
+        wt, bt = (t.to(dtype).requires_grad_() for t in (w, b))
+        yt = F.depthwise_conv2d(xt, wt, bt, stride, pad, dil)
+        got = (yt,) + torch.autograd.grad(yt, (xt, wt, bt), dy.to(dtype, memory_format=fmt))
+        case = f"2x4x11x9-k{k}-s{stride}-d{dil}-m{mult}-{str(dtype)[6:]}-{'channels_last' if cl else 'nchw'}"
+        backend = _backends.choose("depthwise_conv2d", device, dtype).name
+        positions = y64.shape[0] * y64.shape[2] * y64.shape[3]
+        for name, a, e, n in zip(("y", "grad_x", "grad_weight", "grad_bias"), got, want,
+                                 (k * k, k * k * mult, positions, positions)):
+            ok, msg = check_close(a, e, dtype, n=n)
+            yield ("depthwise_conv2d", case, backend, name, ok, msg)
+
+
+CHECKS = {"batch_norm_act": check_batch_norm_act, "depthwise_conv2d": check_depthwise_conv2d}
 
 
 def run(device):

@@ -1,5 +1,6 @@
 """Functional forms of fastdl's fused ops (the torch.nn.functional of fastdl)."""
 from fastdl.ops import batch_norm_act as _bna
+from fastdl.ops import depthwise_conv2d as _dw
 
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -13,3 +14,16 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     """
     return _bna.batch_norm_act(input, running_mean, running_var, weight, bias, residual, training,
                                momentum, eps, "none" if activation is None else activation, negative_slope)
+
+
+def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, scale=None, shift=None,
+                     activation=None):
+    """act((F.conv2d(input, weight, bias, stride, padding, dilation, groups=C) * scale + shift)).
+
+    The arguments before `*` are those of torch.nn.functional.conv2d with groups = input's channels:
+    input (N, C, H, W), weight (C * multiplier, 1, KH, KW), padding an int, a pair, 'same' or
+    'valid'. scale / shift (C * multiplier,) are an eval-mode batch norm folded in; activation is
+    None, "relu" or "relu6". Returns (N, C * multiplier, OH, OW) in input's memory format.
+    """
+    return _dw.depthwise_conv2d(input, weight, bias, stride, padding, dilation, scale, shift,
+                                "none" if activation is None else activation)

@@ -1,4 +1,5 @@
 """Drop-in modules, re-exported at the top level (fastdl.FusedBatchNorm2d, ...)."""
 from fastdl.nn.batch_norm import FusedBatchNorm2d
+from fastdl.nn.depthwise import DepthwiseConv2d, DepthwiseSeparableConv2d
 
-__all__ = ["FusedBatchNorm2d"]
+__all__ = ["DepthwiseConv2d", "DepthwiseSeparableConv2d", "FusedBatchNorm2d"]

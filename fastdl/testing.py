@@ -1,4 +1,4 @@
-"""One tolerance table and one comparison helper, shared by the tests and `fastdl check`.
+"""One tolerance table, one comparison helper and the test layouts, shared by the tests and `fastdl check`.
 
 Results are compared with a float64 reference. Tolerances per dtype are torch.testing's defaults,
 except float64, held much tighter (a float64 kernel must agree to ~1e-10, not 1e-7); for reductions over `n` terms (weight and bias gradients, batch statistics) the absolute tolerance
@@ -48,3 +48,14 @@ def assert_close(name, actual, expected, dtype=None, n=1, rtol_scale=1.0):
     ok, msg = check_close(actual, expected, dtype or actual.dtype, n, rtol_scale)
     if not ok:
         raise AssertionError(f"{name}: {msg}")
+
+
+def lay_out(t, layout):
+    """t in the given layout: contiguous, channels_last, or a non-contiguous strided view."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other element of a twice-as-wide tensor
+        wide = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()

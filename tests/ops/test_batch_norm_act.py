@@ -9,7 +9,7 @@ import torch.nn.functional as tF
 
 import fastdl
 import fastdl.functional as F
-from fastdl.testing import TOLERANCES, assert_close, max_error
+from fastdl.testing import TOLERANCES, assert_close, lay_out, max_error
 
 ACTS = [None, "relu", "relu6", "leaky_relu"]
 SHAPES = [(4, 3, 5, 5), (1, 8, 3, 3), (3, 5, 1, 7), (2, 7, 13, 11), (6, 4, 1, 1)]
@@ -23,17 +23,6 @@ def sid(shape):
 def activate(z, act, slope=0.01):
     return {None: lambda t: t, "relu": tF.relu, "relu6": tF.relu6,
             "leaky_relu": lambda t: tF.leaky_relu(t, slope)}[act](z)
-
-
-def lay_out(t, layout):
-    """t in the given layout: contiguous, channels_last, or a non-contiguous strided view."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other element of a twice-as-wide tensor
-        wide = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
 
 
 class EagerBatchNormAct(nn.BatchNorm2d):

@@ -7,7 +7,7 @@ import torch.nn.functional as tF
 
 import fastdl
 import fastdl.functional as F
-from fastdl.testing import TOLERANCES, assert_close, max_error
+from fastdl.testing import TOLERANCES, assert_close, lay_out, max_error
 
 LAYOUTS = ["nchw", "channels_last", "strided"]
 # (N, C, H, W, multiplier, kernel, stride, padding, dilation, bias)
@@ -35,17 +35,6 @@ CASES = [
 def cid(c):
     N, C, H, W, m, k, s, p, d, b = c
     return f"N{N}-C{C}-{H}x{W}-m{m}-k{k}-s{s}-p{p}-d{d}" + ("-bias" if b else "")
-
-
-def lay_out(t, layout):
-    """t in the given layout: contiguous, channels_last, or a non-contiguous strided view."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other element of a twice-as-wide tensor
-        wide = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype, device=t.device)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
 
 
 def make_inputs(case, seed=0, device="cpu"):

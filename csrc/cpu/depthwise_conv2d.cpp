@@ -48,6 +48,22 @@ inline Range in_bounds(int64_t n, int64_t step, int64_t base, int64_t size) {
   return {lo, std::max(lo, hi)};
 }
 
+// NCHW: calls f(oh, tap, ih, off, cols) for each output row oh of a plane and each tap
+// (tap = i * KW + j) whose input row ih is in bounds; off = j * dil_w - pad_w is the tap's input
+// column offset and cols the output columns whose input column ow * stride_w + off is in bounds.
+template <typename F>
+inline void for_each_row_tap(const Shape& s, F f) {
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const int64_t ih0 = oh * s.stride_h - s.pad_h;
+    const Range kh = in_bounds(s.KH, s.dil_h, ih0, s.H);
+    for (int64_t i = kh.lo; i < kh.hi; ++i)
+      for (int64_t j = 0; j < s.KW; ++j) {
+        const int64_t off = j * s.dil_w - s.pad_w;
+        f(oh, i * s.KW + j, ih0 + i * s.dil_h, off, in_bounds(s.OW, s.stride_w, off, s.W));
+      }
+  }
+}
+
 struct Tap {
   int64_t k, out;  // a kernel index and the output index it reads input index i from
 };
@@ -265,16 +281,9 @@ void grad_x_planes(const BackwardParams<T>& p) {
       for (int64_t o = c * s.mult; o < (c + 1) * s.mult; ++o) {
         const T* gy = p.grad_out + (n * Co + o) * s.OH * s.OW;
         const T* w = p.weight + o * s.KH * s.KW;
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          const int64_t ih0 = oh * s.stride_h - s.pad_h;
-          const Range kh = in_bounds(s.KH, s.dil_h, ih0, s.H);
-          for (int64_t i = kh.lo; i < kh.hi; ++i)
-            for (int64_t j = 0; j < s.KW; ++j) {
-              const int64_t off = j * s.dil_w - s.pad_w;
-              axpy_scatter(gx + (ih0 + i * s.dil_h) * s.W, w[i * s.KW + j], gy + oh * s.OW, s.stride_w, off,
-                           in_bounds(s.OW, s.stride_w, off, s.W));
-            }
-        }
+        for_each_row_tap(s, [&](int64_t oh, int64_t tap, int64_t ih, int64_t off, Range cols) {
+          axpy_scatter(gx + ih * s.W, w[tap], gy + oh * s.OW, s.stride_w, off, cols);
+        });
       }
     }
   });
@@ -367,16 +376,9 @@ void grad_weight_planes(const BackwardParams<T>& p) {
       for (int64_t n = 0; n < s.N; ++n) {
         const T* gy = p.grad_out + (n * Co + o) * s.OH * s.OW;
         const T* x = p.x + (n * s.C + o / s.mult) * s.H * s.W;
-        for (int64_t oh = 0; oh < s.OH; ++oh) {
-          const int64_t ih0 = oh * s.stride_h - s.pad_h;
-          const Range kh = in_bounds(s.KH, s.dil_h, ih0, s.H);
-          for (int64_t i = kh.lo; i < kh.hi; ++i)
-            for (int64_t j = 0; j < s.KW; ++j) {
-              const int64_t off = j * s.dil_w - s.pad_w;
-              acc[i * s.KW + j] += dot(gy + oh * s.OW, x + (ih0 + i * s.dil_h) * s.W, s.stride_w, off,
-                                       in_bounds(s.OW, s.stride_w, off, s.W));
-            }
-        }
+        for_each_row_tap(s, [&](int64_t oh, int64_t tap, int64_t ih, int64_t off, Range cols) {
+          acc[tap] += dot(gy + oh * s.OW, x + ih * s.W, s.stride_w, off, cols);
+        });
       }
       for (int64_t t = 0; t < KK; ++t) p.grad_weight[o * KK + t] = T(acc[t]);
     }

@@ -7,7 +7,7 @@ import torch.nn.functional as tF
 
 from fastdl import _backends
 from fastdl import functional as F
-from fastdl.nn import FusedBatchNorm2d
+from fastdl.nn import FusedAttention, FusedBatchNorm2d
 from fastdl.testing import check_close
 
 ACTIVATIONS = {None: lambda z: z, "relu": tF.relu, "relu6": tF.relu6, "leaky_relu": tF.leaky_relu}
@@ -79,7 +79,59 @@ def check_depthwise_conv2d(device):
             yield ("depthwise_conv2d", case, backend, name, ok, msg)
 
 
-CHECKS = {"batch_norm_act": check_batch_norm_act, "depthwise_conv2d": check_depthwise_conv2d}
+def check_attention(device):
+    """Rows (op, case, backend, output, ok, message): fastdl.functional.scaled_dot_product_attention
+    vs F.scaled_dot_product_attention in float64 (out, grad_q, grad_k, grad_v), for each dtype and a
+    few settings (causal, cross-attention, grouped-query, key padding, additive mask, odd head dim);
+    then FusedAttention vs nn.MultiheadAttention (output and weights)."""
+    settings = [  # name, N, H, Hkv, L, S, D, causal, padded, masked
+        ("self", 2, 4, 4, 33, 33, 64, False, False, False),
+        ("causal-cross", 2, 4, 4, 17, 40, 40, True, False, False),
+        ("gqa-padded", 2, 4, 2, 20, 29, 72, False, True, False),
+        ("masked", 2, 2, 2, 9, 13, 16, False, False, True),
+    ]
+    for dtype, (name, N, H, Hkv, L, S, D, causal, padded, masked) in itertools.product(DTYPES, settings):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+                   for shape in ((N, H, L, D), (N, Hkv, S, D), (N, Hkv, S, D)))
+        dout = torch.randn(N, H, L, D, generator=g, dtype=torch.float64).to(device)
+        padding = (torch.arange(S) < torch.tensor([S, S // 2]).view(2, 1)).to(device) if padded else None
+        mask = torch.randn(N, 1, L, S, generator=g, dtype=torch.float64).to(device) if masked else None
+        dense = mask
+        if padded:
+            dense = torch.zeros(N, 1, 1, S, dtype=torch.float64, device=device).masked_fill(
+                ~padding.view(N, 1, 1, S), float("-inf"))
+        ins64 = [t.clone().requires_grad_() for t in (q, k, v)]
+        y64 = tF.scaled_dot_product_attention(*ins64, attn_mask=dense, is_causal=causal, enable_gqa=H != Hkv)
+        want = (y64,) + torch.autograd.grad(y64, ins64, dout)
+        ins = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        y = F.scaled_dot_product_attention(*ins, attn_mask=mask.to(dtype) if masked else None, is_causal=causal,
+                                           enable_gqa=H != Hkv, key_padding_mask=padding)
+        got = (y,) + torch.autograd.grad(y, ins, dout.to(dtype))
+        case = f"{name}-N{N}-H{H}-Hkv{Hkv}-L{L}-S{S}-D{D}-{str(dtype)[6:]}"
+        backend = _backends.choose("attention", device, dtype).name
+        for out, a, e, n in zip(("out", "grad_q", "grad_k", "grad_v"), got, want, (S, S, L * H // Hkv, L * H // Hkv)):
+            ok, msg = check_close(a, e, dtype, n=n)
+            yield ("attention", case, backend, out, ok, msg)
+    for dtype in DTYPES:
+        torch.manual_seed(0)
+        ref = nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.float64, device=device)
+        ours = FusedAttention(32, 4, batch_first=True, dtype=dtype, device=device)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(3, 12, 32, dtype=torch.float64, device=device)
+        kpm = torch.zeros(3, 12, dtype=torch.bool, device=device)
+        kpm[2, 7:] = True
+        want = ref(x, x, x, key_padding_mask=kpm)
+        xt = x.to(dtype)
+        got = ours(xt, xt, xt, key_padding_mask=kpm)
+        backend = _backends.choose("attention", device, dtype).name
+        for out, a, e in zip(("attn_output", "attn_weights"), got, want):
+            ok, msg = check_close(a, e, dtype, n=12)
+            yield ("attention", f"FusedAttention-N3-L12-E32-H4-padded-{str(dtype)[6:]}", backend, out, ok, msg)
+
+
+CHECKS = {"attention": check_attention, "batch_norm_act": check_batch_norm_act,
+          "depthwise_conv2d": check_depthwise_conv2d}
 
 
 def run(device):

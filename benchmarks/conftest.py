@@ -1,8 +1,9 @@
 """The benchmark harness: options, timing, and one JSON file of results per run.
 
 Each benchmark is a pytest test taking `case` (a dict describing what is measured: op, name,
-shape, dtype, mode, pass, bytes: the traffic its GB/s are counted from) and `impl` ("fastdl",
-"eager" or "compile"), and calling `measure(step, case, impl)`. pytest-benchmark times the step and
+shape, dtype, mode, pass, bytes: the traffic its GB/s are counted from, or flops: the work its
+TFLOP/s are counted from) and `impl` ("fastdl", "eager", "compile", or another baseline's name),
+and calling `measure(step, case, impl)`. pytest-benchmark times the step and
 prints its table, grouped by case; on CUDA the step synchronizes, and the number kept is
 triton.testing.do_bench's median (CUDA events, L2 flushed between calls). At the end of the session
 the medians of the impls of each case are set side by side and written, with the conditions of the
@@ -120,16 +121,21 @@ def copy_bandwidth(device):
 
 
 def summarize(record, copy_bps):
-    """One JSON row: the case, its medians, the speed-ups over eager and compile, and on CUDA GB/s."""
+    """One JSON row: the case, its medians, each baseline's time over fastdl's (fastdl / eager /
+    compile first, then any other baselines the benchmark measured, e.g. SDPA's backends), and on
+    CUDA GB/s; TFLOP/s when the case counts its flops."""
     case, sec = record["case"], record["seconds"]
     fast = sec.get("fastdl")
-    row = dict(case, median_s={impl: sec.get(impl) for impl in IMPLS})
-    for impl in ("eager", "compile"):
+    impls = list(IMPLS) + sorted(set(sec) - set(IMPLS))
+    row = dict(case, median_s={impl: sec.get(impl) for impl in impls})
+    for impl in impls[1:]:
         row[f"{impl}_over_fastdl"] = sec[impl] / fast if fast and sec.get(impl) else None
+    if case.get("flops"):
+        row["tflops"] = {impl: case["flops"] / t / 1e12 for impl, t in sec.items() if t}
     if copy_bps is not None:
-        row["peak_mem_bytes"] = {impl: record["peak_bytes"].get(impl) for impl in IMPLS}
-        row["fastdl_gbps"] = case["bytes"] / fast / 1e9 if fast else None
-        row["fastdl_fraction_of_copy"] = case["bytes"] / fast / copy_bps if fast else None
+        row["peak_mem_bytes"] = {impl: record["peak_bytes"].get(impl) for impl in impls}
+        row["fastdl_gbps"] = case["bytes"] / fast / 1e9 if fast and case.get("bytes") else None
+        row["fastdl_fraction_of_copy"] = case["bytes"] / fast / copy_bps if fast and case.get("bytes") else None
     return row
 
 
@@ -208,6 +214,10 @@ def pytest_terminal_summary(terminalreporter, config):
         if cuda and row["fastdl_gbps"]:
             line += f" {row['fastdl_gbps']:7.0f} {row['fastdl_fraction_of_copy']:7.0%}"
         tr.write_line(line)
+        others = [impl for impl in m if impl not in IMPLS and m[impl]]
+        if others:
+            tr.write_line(" " * 4 + "  ".join(f"{impl} {_ms(m[impl]).strip()} ms ({_x(row[f'{impl}_over_fastdl']).strip()})"
+                                              for impl in others))
     if cuda:
         tr.write_line(f"device-to-device copy: {out['copy_gbps']:.0f} GB/s (bytes read + written)")
     tr.write_line(f"results: {run.path}")

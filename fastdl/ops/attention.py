@@ -104,31 +104,36 @@ class _Undifferentiable(torch.autograd.Function):
 def attention_weights(q, k, lse, attn_mask=None, key_padding_mask=None, key_lengths=None, is_causal=False,
                       scale=None, dropout_p=0.0, seed=0, average=True):
     """The probabilities `attention` used, rebuilt from its lse: exp(s - lse) (times dropout's mask /
-    (1 - p)), per head (N, H, L, S) or averaged over heads (N, L, S). One q k^T product per head and
-    no softmax reductions; heads are done one at a time, so beyond the result only a few N x L x S
-    buffers are live. Not differentiable: a backward through the result raises NotImplementedError."""
+    (1 - p)), per head (N, H, L, S) or averaged over heads (N, L, S). Per head: one batched q k^T
+    product (with the additive mask as its addend), then in place: - lse, exp, the masked keys
+    zeroed. No softmax reductions; heads are done one at a time, so beyond the result one N x L x S
+    buffer is live. Not differentiable: a backward through the result raises NotImplementedError."""
     N, H, L, D = q.shape
+    S = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     group = H // k.shape[1]
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out = q.new_zeros((N, L, k.shape[2]) if average else (N, H, L, k.shape[2]), dtype=acc)
+    out = q.new_zeros((N, L, S) if average else (N, H, L, S), dtype=acc)
+    masked = None
+    if key_padding_mask is not None or key_lengths is not None or is_causal:
+        masked = ~reference.attended(N, L, S, key_padding_mask, key_lengths, is_causal, q.device)[:, 0]  # (N|1, L|1, S)
+    keep = reference.dropout_keep(seed, N, H, L, S, dropout_p, q.device) if dropout_p > 0 else None
     with torch.no_grad():
         for h in range(H):
-            mask_h = None
-            if attn_mask is not None:
-                hm = h if attn_mask.shape[1] > 1 else 0
-                mask_h = attn_mask[:, hm:hm + 1]
-            s = reference.scores(q[:, h:h + 1].to(acc), k[:, h // group:h // group + 1].to(acc),
-                                 mask_h.to(acc) if mask_h is not None else None, key_padding_mask, key_lengths,
-                                 is_causal, scale)
-            p = torch.exp(s - lse[:, h:h + 1, :, None].to(acc))
-            if dropout_p > 0:
-                keep = reference.dropout_keep(seed, N, H, L, s.shape[-1], dropout_p, q.device)[:, h:h + 1]
-                p = p * keep / (1.0 - dropout_p)
-            if average:
-                out += p[:, 0] / H
+            qh, kh = (q[:, h] * scale).to(acc), k[:, h // group].to(acc).transpose(1, 2)  # (N, L, D), (N, D, S)
+            if attn_mask is None:
+                p = torch.bmm(qh, kh)
             else:
-                out[:, h] = p[:, 0]
+                p = torch.baddbmm(attn_mask[:, h if attn_mask.shape[1] > 1 else 0].to(acc).expand(N, L, S), qh, kh)
+            p.sub_(lse[:, h, :, None].to(acc)).exp_()  # lse = +inf (no key attended): 0
+            if masked is not None:
+                p.masked_fill_(masked, 0.0)
+            if keep is not None:
+                p.mul_(keep[:, h]).div_(1.0 - dropout_p)
+            if average:
+                out.add_(p, alpha=1.0 / H)
+            else:
+                out[:, h] = p
     out = out.to(q.dtype)
     return _Undifferentiable.apply(out, q, k) if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) else out
 

@@ -103,6 +103,19 @@ def _key_end(LENS, n, stride_len, S, HAS_LENGTHS: tl.constexpr):
 # ---- forward ---------------------------------------------------------------------------------------
 
 @triton.jit
+def _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full_n, end_n) for query block pid_m: keys [0, full_n) need no bound / causal mask,
+    [full_n, end_n) do, and past end_n none is attended."""
+    end_n = _key_end(LENS, n, stride_len, S, HAS_LENGTHS)
+    full_n = end_n // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        end_n = tl.minimum(end_n, tl.minimum((pid_m + 1) * BLOCK_M, L))
+        full_n = tl.minimum(full_n, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
+    return full_n, end_n
+
+
+@triton.jit
 def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi, offs_m, offs_n, m_ok, d_ok,
                     end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, row_h, threshold,
                     HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -173,12 +186,7 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
-    # Keys [0, full_n) need no bound / causal mask; [full_n, end_n) do; past end_n none is attended.
-    end_n = _key_end(LENS, n, stride_len, S, HAS_LENGTHS)
-    full_n = end_n // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        end_n = tl.minimum(end_n, tl.minimum((pid_m + 1) * BLOCK_M, L))
-        full_n = tl.minimum(full_n, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
+    full_n, end_n = _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -399,11 +407,7 @@ def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
     kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
-    end_n = _key_end(LENS, n, stride_len, S, HAS_LENGTHS)
-    full_n = end_n // BLOCK_N * BLOCK_N
-    if IS_CAUSAL:
-        end_n = tl.minimum(end_n, tl.minimum((pid_m + 1) * BLOCK_M, L))
-        full_n = tl.minimum(full_n, (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N)
+    full_n, end_n = _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS, IS_CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, 0, full_n, offs_m, offs_n, m_ok, d_ok,

@@ -61,18 +61,19 @@ TORCH_LIBRARY(fastdl, m) {
   // keys masked out by key_padding_mask (bool (N, S), True = attend), key_lengths (int64 (N,): keys
   // j >= len masked) and is_causal (j > i masked). attn_mask: q's dtype, additive, (N, H, L, S)
   // with stride 0 on broadcast dims. Dropout keeps a probability with the counter-based hash of
-  // fastdl/reference/attention.py (same on every backend) and scales kept ones by 1 / (1 - p).
+  // fastdl/reference/attention.py (same on every backend) and scales kept ones by 1 / (1 - p); seed
+  // is an int64 scalar tensor on the CPU (a tensor, so torch.compile keeps its draw in the graph).
   // Returns (out, lse): out (N, H, L, D) stored (N, L, H, D)-contiguous; lse (N, H, L) fp32 (fp64
   // for fp64 q) = log sum_j exp(s_ij) over the attended keys, +inf for a row with none (its out
   // row is 0).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? key_padding_mask, "
-      "Tensor? key_lengths, bool is_causal, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "Tensor? key_lengths, bool is_causal, float scale, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
   // Returns (grad_q, grad_k, grad_v) of q's, k's and v's shapes, stored like forward's out.
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? key_padding_mask, Tensor? key_lengths, bool is_causal, float scale, "
-      "float dropout_p, int seed) -> (Tensor, Tensor, Tensor)");
+      "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastdl

@@ -104,17 +104,21 @@ Masks<T> checked_masks(const OptTensor& attn_mask, const OptTensor& key_padding_
   return m;
 }
 
-Dropout checked_dropout(double dropout_p, int64_t seed) {
+Dropout checked_dropout(double dropout_p, const Tensor& seed) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p: expected a probability in [0, 1), got ",
                     dropout_p);
-  return {dropout_p > 0.0, static_cast<uint32_t>(dropout_p * 16777216.0), static_cast<uint64_t>(seed),
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+                    "seed: expected an int64 tensor of one element on the CPU, got ", seed.scalar_type(), " ",
+                    seed.sizes(), " on ", seed.device());
+  return {dropout_p > 0.0, static_cast<uint32_t>(dropout_p * 16777216.0),
+          static_cast<uint64_t>(seed.item<int64_t>()),
           1.0 / (1.0 - dropout_p)};
 }
 
 std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                    const OptTensor& attn_mask, const OptTensor& key_padding_mask,
                                    const OptTensor& key_lengths, bool is_causal, double scale, double dropout_p,
-                                   int64_t seed) {
+                                   const Tensor& seed) {
   const Shape s = checked_shape(q_in, k_in, v_in);
   const Dropout dropout = checked_dropout(dropout_p, seed);
   const Tensor q = dense_last(q_in), k = dense_last(k_in), v = dense_last(v_in);
@@ -140,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, const Ten
                                             const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                             const OptTensor& attn_mask, const OptTensor& key_padding_mask,
                                             const OptTensor& key_lengths, bool is_causal, double scale,
-                                            double dropout_p, int64_t seed) {
+                                            double dropout_p, const Tensor& seed) {
   const Shape s = checked_shape(q_in, k_in, v_in);
   const Dropout dropout = checked_dropout(dropout_p, seed);
   check_like_q(grad_out_in, "grad_out", q_in.sizes(), "(q's)", q_in);

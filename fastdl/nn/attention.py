@@ -69,7 +69,7 @@ class FusedAttention(nn.MultiheadAttention):
         if mask is not None:
             mask = mask.expand(N, H, L, k.shape[2])
         p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
+        seed = _attn.new_seed(p)
         out, lse = _attn.attention(q, k, v, mask, padding, None, is_causal, None, p, seed)
         # out is stored (N, L, H, D): (N, L, E) is a free view, (L, N, E) one copy.
         out = out.transpose(1, 2).reshape(N, L, H * D) if batch_first else out.permute(2, 0, 1, 3).reshape(L, N, H * D)

@@ -73,11 +73,13 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, key_lengths=None, 
     attn_mask: additive, q's dtype, 4-D with sizes 1 or (N, H, L, S); key_padding_mask: bool (N, S),
     True = attend; key_lengths: int64 (N,); is_causal: key j > query i masked. A query with no key
     to attend gets zeros (lse = +inf). dropout_p, seed: dropout on the probabilities, from the
-    counter-based hash of fastdl.reference.attention.dropout_keep. Returns out (N, H, L, D), stored
+    counter-based hash of fastdl.reference.attention.dropout_keep (an int, or an int64 scalar tensor
+    on the CPU, as `new_seed` draws). Returns out (N, H, L, D), stored
     (N, L, H, D)-contiguous, differentiable in q, k, v; lse (N, H, L), fp32 (fp64 for fp64 q).
     """
     check_args(q, k, v, attn_mask, key_padding_mask, key_lengths, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask: gradients of a float attn_mask are not implemented; "
                                   "pass attn_mask.detach()")
@@ -85,7 +87,7 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, key_lengths=None, 
         return reference.attention(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale,
                                    dropout_p, seed)
     return torch.ops.fastdl.attention_forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal,
-                                              scale, float(dropout_p), int(seed))
+                                              scale, float(dropout_p), seed)
 
 
 class _Undifferentiable(torch.autograd.Function):
@@ -161,16 +163,16 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.options = (is_causal, scale, dropout_p, seed)
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths)
+    ctx.options = (is_causal, scale, dropout_p)
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths, seed)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths, seed = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
         raise NotImplementedError("attention_forward: gradients of attn_mask are not implemented")
     dq, dk, dv = torch.ops.fastdl.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
-                                                     key_lengths, *ctx.options)
+                                                     key_lengths, *ctx.options, seed)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -202,6 +204,15 @@ if _extension.loaded():
 
         torch.library.register_kernel("fastdl::attention_forward", "cuda", _checked_forward)
         torch.library.register_kernel("fastdl::attention_backward", "cuda", _checked_backward)
+
+
+def new_seed(dropout_p):
+    """The dropout seed of one call: an int64 scalar tensor on the CPU, drawn from torch's default
+    generator when dropout_p > 0 (so torch.manual_seed reproduces it), else 0. A tensor, not an int,
+    so that torch.compile keeps the draw in the graph."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.zeros((), dtype=torch.int64)
 
 
 def _additive(name, mask, dtype, attend_when_true):
@@ -241,7 +252,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if no_heads:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         attn_mask = attn_mask.unsqueeze(1) if attn_mask is not None else None
-    seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
+    seed = new_seed(dropout_p)
     out, _ = attention(query, key, value, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p,
                        seed)
     return out.squeeze(1) if no_heads else out

@@ -43,9 +43,9 @@ def dropout_threshold(p: float) -> int:
     return int(p * 16777216.0)
 
 
-def dropout_keep(seed: int, N: int, H: int, L: int, S: int, p: float, device="cpu") -> torch.Tensor:
+def dropout_keep(seed, N: int, H: int, L: int, S: int, p: float, device="cpu") -> torch.Tensor:
     """Bool (N, H, L, S): which probabilities dropout keeps. For row r = (n * H + h) * L + i
-    (64-bit), seed split into 32-bit halves (lo, hi):
+    (64-bit), seed (an int or an int64 scalar tensor) split into 32-bit halves (lo, hi):
         row_hash = mix32(lo ^ mix32((r mod 2**32) ^ mix32((r >> 32) ^ hi)))
         u        = mix32(row_hash ^ (j * GOLDEN mod 2**32))
         keep     = (u >> 8) >= dropout_threshold(p)

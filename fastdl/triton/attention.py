@@ -438,6 +438,7 @@ def _common_args(q, k, attn_mask, key_padding_mask, key_lengths, is_causal, scal
     lens = key_lengths if key_lengths is not None else q
     tensors = (am, kpm, lens)
     strides = (*am.stride(), *kpm.stride()[:2], lens.stride(0))
+    seed = int(seed)  # an int, or the op's int64 scalar tensor on the CPU
     scalars = dict(H=H, L=L, S=S, GROUP=H // Hkv, qk_scale=scale * math.log2(math.e), seed_lo=seed & 0xFFFFFFFF,
                    seed_hi=(seed >> 32) & 0xFFFFFFFF, threshold=dropout_threshold(dropout_p),
                    keep_scale=1.0 / (1.0 - dropout_p))

@@ -199,9 +199,9 @@ def opcheck_args(dtype=torch.float32):
     mask = rand(1, 4, 7, 9, dtype=dtype, seed=4).expand(2, 4, 7, 9)
     padding = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
     return [
-        (q, k, v, None, None, None, False, 0.5, 0.0, 0),
+        (q, k, v, None, None, None, False, 0.5, 0.0, torch.tensor(0)),
         (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, padding, torch.tensor([9, 3]), True,
-         0.35, 0.25, 3),
+         0.35, 0.25, torch.tensor(3)),
     ]
 
 
@@ -238,6 +238,19 @@ def test_compile_fullgraph_functional_and_modules():
     y = cl(x)
     assert_close("FusedTransformerEncoderLayer", y, layer(x, src_key_padding_mask=padding))
     y.sum().backward()
+
+
+def test_compile_fullgraph_training_with_dropout():
+    """The dropout seed is a tensor drawn in the graph: training with dropout compiles whole, and
+    each call draws a new mask."""
+    torch._dynamo.reset()
+    layer = fastdl.FusedTransformerEncoderLayer(16, 4, 32, dropout=0.3, batch_first=True).train()
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    step = torch.compile(lambda x: layer(x), fullgraph=True)
+    a, b = step(x), step(x)
+    assert not torch.equal(a, b)
+    a.sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 # ---- FusedAttention against nn.MultiheadAttention -------------------------------------------------

@@ -86,7 +86,7 @@ def run_op(case, dtype, seed=0, dropout_seed=1234):
     (q, k, v, dout), (attn_mask, kpm, lengths), g = inputs(case, seed)
     qd, kd, vd, dd = (lay_out(t.to(dtype), case.layout, g) for t in (q, k, v, dout))
     mask_d = attn_mask.to(dtype) if attn_mask is not None else None
-    args = (mask_d, kpm, lengths, case.causal, 1.0 / math.sqrt(case.D), case.dropout, dropout_seed)
+    args = (mask_d, kpm, lengths, case.causal, 1.0 / math.sqrt(case.D), case.dropout, torch.tensor(dropout_seed))
     out, lse = ops.attention_forward(qd, kd, vd, *args)
     grads = ops.attention_backward(dd, qd, kd, vd, out, lse, *args)
     return (out, lse, *grads), ((q, k, v, dout), (attn_mask, kpm, lengths))
@@ -197,7 +197,7 @@ def dropout_mask_through_op(seed, p, N=1, H=2, L=300, S=128):
     (D = S) makes out[n, h, i, j] = keep_ij / (S (1 - p))."""
     q = torch.zeros(N, H, L, S, dtype=torch.float64)
     v = torch.eye(S, dtype=torch.float64).expand(N, 1, S, S)
-    out, _ = ops.attention_forward(q, v, v, None, None, None, False, 1.0, p, seed)
+    out, _ = ops.attention_forward(q, v, v, None, None, None, False, 1.0, p, torch.tensor(seed))
     scaled = out * S * (1 - p)
     assert ((scaled - scaled.round()).abs() < 1e-9).all()
     return scaled.round().bool()
@@ -253,7 +253,7 @@ def test_same_bits_for_any_thread_count(case):
 def good(N=2, H=4, Hkv=2, L=5, S=7, D=8, dtype=torch.float32):
     return dict(q=torch.randn(N, H, L, D, dtype=dtype), k=torch.randn(N, Hkv, S, D, dtype=dtype),
                 v=torch.randn(N, Hkv, S, D, dtype=dtype), attn_mask=None, key_padding_mask=None,
-                key_lengths=None, is_causal=False, scale=0.5, dropout_p=0.0, seed=0)
+                key_lengths=None, is_causal=False, scale=0.5, dropout_p=0.0, seed=torch.tensor(0))
 
 
 def forward_with(**changes):

@@ -103,6 +103,12 @@ def _key_end(LENS, n, stride_len, S, HAS_LENGTHS: tl.constexpr):
 # ---- forward ---------------------------------------------------------------------------------------
 
 @triton.jit
+def _rows(base, n, h, rows, cols, stride_n, stride_h, stride_r, stride_c):
+    """Pointers [len(rows), len(cols)] to elements (n, h, rows, cols) of a 4-D tensor at `base`."""
+    return base + n * stride_n + h * stride_h + rows[:, None] * stride_r + cols[None, :] * stride_c
+
+
+@triton.jit
 def _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full_n, end_n) for query block pid_m: keys [0, full_n) need no bound / causal mask,
@@ -177,12 +183,12 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + n * stride_qn + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(_rows(Q, n, h, offs_m, offs_d, stride_qn, stride_qh, stride_qm, stride_qd),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     hk = h // GROUP
     k_ptrs = K + n * stride_kn + hk * stride_kh + offs_n[None, :] * stride_kj + offs_d[:, None] * stride_kd
-    v_ptrs = V + n * stride_vn + hk * stride_vh + offs_n[:, None] * stride_vj + offs_d[None, :] * stride_vd
-    am_ptrs = AM + n * stride_an + h * stride_ah + offs_m[:, None] * stride_am + offs_n[None, :] * stride_aj
+    v_ptrs = _rows(V, n, hk, offs_n, offs_d, stride_vn, stride_vh, stride_vj, stride_vd)
+    am_ptrs = _rows(AM, n, h, offs_m, offs_n, stride_an, stride_ah, stride_am, stride_aj)
     kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
@@ -203,7 +209,7 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     live = l_i > 0  # else no key was attended (or all scores were -inf): out 0, lse +inf
     l_safe = tl.where(live, l_i, 1.0)
     out = acc * (keep_scale / l_safe)[:, None]
-    tl.store(OUT + n * stride_on + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    tl.store(_rows(OUT, n, h, offs_m, offs_d, stride_on, stride_oh, stride_om, stride_od),
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = tl.where(live, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
     tl.store(LSE + (n * H + h) * L + offs_m, lse, mask=m_ok)
@@ -223,9 +229,9 @@ def _delta_kernel(OUT, DO, DELTA, stride_on, stride_oh, stride_om, stride_od,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(OUT + n * stride_on + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o = tl.load(_rows(OUT, n, h, offs_m, offs_d, stride_on, stride_oh, stride_om, stride_od),
                 mask=ok, other=0.0)
-    do = tl.load(DO + n * stride_gn + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+    do = tl.load(_rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd),
                  mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (n * H + h) * L + offs_m, delta, mask=offs_m < L)
@@ -291,9 +297,9 @@ def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
     n_ok = offs_n < S
     d_ok = offs_d < HEAD_DIM
     kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + n * stride_kn + hk * stride_kh + offs_n[:, None] * stride_kj + offs_d[None, :] * stride_kd,
+    k = tl.load(_rows(K, n, hk, offs_n, offs_d, stride_kn, stride_kh, stride_kj, stride_kd),
                 mask=kv_ok, other=0.0)
-    v = tl.load(V + n * stride_vn + hk * stride_vh + offs_n[:, None] * stride_vj + offs_d[None, :] * stride_vd,
+    v = tl.load(_rows(V, n, hk, offs_n, offs_d, stride_vn, stride_vh, stride_vj, stride_vd),
                 mask=kv_ok, other=0.0)
     col_h = _col_hash(offs_n)
 
@@ -312,7 +318,7 @@ def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
     for g in range(GROUP):
         h = hk * GROUP + g
         q_ptrs = Q + n * stride_qn + h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
-        do_ptrs = DO + n * stride_gn + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd
+        do_ptrs = _rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd)
         am_ptrs = AM + n * stride_an + h * stride_ah + offs_m[None, :] * stride_am + offs_n[:, None] * stride_aj
         lse_h = LSE + n * stride_ln + h * stride_lh
         delta_h = DELTA + (n * H + h) * L
@@ -329,9 +335,9 @@ def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
         attended = attended & (tl.load(KPM + n * stride_pn + offs_n * stride_pj, mask=n_ok, other=0) != 0)
     dk = tl.where(attended[:, None], dk * scale, 0.0)
     dv = tl.where(attended[:, None], dv, 0.0)
-    tl.store(DK + n * stride_dkn + hk * stride_dkh + offs_n[:, None] * stride_dkj + offs_d[None, :] * stride_dkd,
+    tl.store(_rows(DK, n, hk, offs_n, offs_d, stride_dkn, stride_dkh, stride_dkj, stride_dkd),
              dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + n * stride_dvn + hk * stride_dvh + offs_n[:, None] * stride_dvj + offs_d[None, :] * stride_dvd,
+    tl.store(_rows(DV, n, hk, offs_n, offs_d, stride_dvn, stride_dvh, stride_dvj, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
@@ -394,16 +400,16 @@ def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
     m_ok = offs_m < L
     d_ok = offs_d < HEAD_DIM
     tile_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + n * stride_qn + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(_rows(Q, n, h, offs_m, offs_d, stride_qn, stride_qh, stride_qm, stride_qd),
                 mask=tile_ok, other=0.0)
-    do = tl.load(DO + n * stride_gn + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+    do = tl.load(_rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd),
                  mask=tile_ok, other=0.0)
     lse = tl.load(LSE + n * stride_ln + h * stride_lh + offs_m * stride_lm, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + (n * H + h) * L + offs_m, mask=m_ok, other=0.0)
     hk = h // GROUP
     k_ptrs = K + n * stride_kn + hk * stride_kh + offs_n[None, :] * stride_kj + offs_d[:, None] * stride_kd
     v_ptrs = V + n * stride_vn + hk * stride_vh + offs_n[None, :] * stride_vj + offs_d[:, None] * stride_vd
-    am_ptrs = AM + n * stride_an + h * stride_ah + offs_m[:, None] * stride_am + offs_n[None, :] * stride_aj
+    am_ptrs = _rows(AM, n, h, offs_m, offs_n, stride_an, stride_ah, stride_am, stride_aj)
     kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
@@ -416,7 +422,7 @@ def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
     dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, full_n, end_n, offs_m, offs_n, m_ok,
                     d_ok, end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, keep_scale, row_h,
                     threshold, HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, True, BLOCK_N)
-    tl.store(DQ + n * stride_dqn + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(_rows(DQ, n, h, offs_m, offs_d, stride_dqn, stride_dqh, stride_dqm, stride_dqd),
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 

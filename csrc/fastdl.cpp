@@ -74,6 +74,23 @@ TORCH_LIBRARY(fastdl, m) {
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, Tensor? key_padding_mask, Tensor? key_lengths, bool is_causal, float scale, "
       "float dropout_p, Tensor seed) -> (Tensor, Tensor, Tensor)");
+  // One layer and direction of a recurrent net, the time loop in C++ (fastdl/reference/rnn.py is
+  // the contract). mode: "lstm" (gates i, f, g, o), "gru" (r, z, n), "rnn_tanh", "rnn_relu"; G = 4,
+  // 3, 1 gates of size H. gates_x = x W_ih^T + b_ih for every step, precomputed: (T, N, G*H), or,
+  // with batch_sizes (int64 (T,) on the CPU, non-increasing, batch_sizes[0] = N: a PackedSequence's),
+  // packed (sum(batch_sizes), G*H), step t holding the first batch_sizes[t] sequences. h0 (N, H);
+  // c0 (N, H) for "lstm" only; w_hh (G*H, H); b_hh (G*H,). reverse runs the steps from last to first.
+  // Returns (output: gates_x's shape with H last, h_n (N, H): each sequence's last state, c_n
+  // (N, H) for "lstm" else empty, workspace: what rnn_backward reads, empty unless save_workspace).
+  m.def(
+      "rnn_forward(Tensor gates_x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
+      "str mode, bool reverse, bool save_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backpropagation through time over rnn_forward's steps; grad_c_n is read for "lstm" only.
+  // Returns (grad_gates_x, grad_h0, grad_c0 (empty unless "lstm"), grad_w_hh, grad_b_hh).
+  m.def(
+      "rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor? batch_sizes, Tensor h0, "
+      "Tensor? c0, Tensor w_hh, Tensor output, Tensor workspace, str mode, bool reverse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fastdl

@@ -130,8 +130,43 @@ def check_attention(device):
             yield ("attention", f"FusedAttention-N3-L12-E32-H4-padded-{str(dtype)[6:]}", backend, out, ok, msg)
 
 
+def check_rnn(device):
+    """Rows (op, case, backend, output, ok, message): FusedLSTM / FusedGRU / FusedRNN vs nn.LSTM /
+    GRU / RNN in float64 (output, final states, the input's and every parameter's gradient), 2
+    bidirectional layers, padded and packed (unsorted lengths), for each dtype."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fastdl.nn import FusedGRU, FusedLSTM, FusedRNN
+
+    T, N, I, H = 6, 3, 5, 7
+    lengths = torch.tensor([4, 6, 2])
+    for dtype, (ref_cls, cls), packed in itertools.product(
+            DTYPES, ((nn.LSTM, FusedLSTM), (nn.GRU, FusedGRU), (nn.RNN, FusedRNN)), (False, True)):
+        torch.manual_seed(0)
+        ref = ref_cls(I, H, num_layers=2, bidirectional=True, dtype=torch.float64, device=device)
+        ours = cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, device=device)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(T, N, I, dtype=torch.float64, device=device)
+        results = []
+        for m, dt in ((ref, torch.float64), (ours, dtype)):
+            xt = x.to(dt).requires_grad_()
+            inp = pack_padded_sequence(xt, lengths, enforce_sorted=False) if packed else xt
+            out, states = m(inp)
+            outs = [out.data if packed else out] + list(states if isinstance(states, tuple) else (states,))
+            g = torch.Generator().manual_seed(1)
+            loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(device, dt)).sum() for o in outs)
+            results.append(outs + list(torch.autograd.grad(loss, [xt, *m.parameters()])))
+        names = ["output", "h_n"] + (["c_n"] if ref_cls is nn.LSTM else []) + ["grad_input"] + [
+            f"grad_{n}" for n, _ in ref.named_parameters()]
+        case = f"{ref_cls.__name__}-T{T}-N{N}-I{I}-H{H}-L2-bi{'-packed' if packed else ''}-{str(dtype)[6:]}"
+        backend = _backends.choose("rnn", device, dtype).name
+        for name, a, e in zip(names, results[1], results[0]):
+            ok, msg = check_close(a, e, dtype, n=T * N * H)
+            yield ("rnn", case, backend, name, ok, msg)
+
+
 CHECKS = {"attention": check_attention, "batch_norm_act": check_batch_norm_act,
-          "depthwise_conv2d": check_depthwise_conv2d}
+          "depthwise_conv2d": check_depthwise_conv2d, "rnn": check_rnn}
 
 
 def run(device):

@@ -2,6 +2,7 @@
 from fastdl.nn.attention import FusedAttention, FusedTransformerEncoderLayer
 from fastdl.nn.batch_norm import FusedBatchNorm2d
 from fastdl.nn.depthwise import DepthwiseConv2d, DepthwiseSeparableConv2d
+from fastdl.nn.rnn import FusedGRU, FusedGRUCell, FusedLSTM, FusedLSTMCell, FusedRNN, FusedRNNCell
 
-__all__ = ["DepthwiseConv2d", "DepthwiseSeparableConv2d", "FusedAttention", "FusedBatchNorm2d",
-           "FusedTransformerEncoderLayer"]
+__all__ = ["DepthwiseConv2d", "DepthwiseSeparableConv2d", "FusedAttention", "FusedBatchNorm2d", "FusedGRU",
+           "FusedGRUCell", "FusedLSTM", "FusedLSTMCell", "FusedRNN", "FusedRNNCell", "FusedTransformerEncoderLayer"]

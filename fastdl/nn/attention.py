@@ -6,15 +6,8 @@ import torch
 import torch.nn.functional as tF
 from torch import nn
 
+from fastdl.nn._share import share_parameters
 from fastdl.ops import attention as _attn
-
-
-def _share_parameters(dst: nn.Module, src: nn.Module):
-    """Points dst's parameters and buffers at src's (same names; shared, not copied)."""
-    for name, p in src.named_parameters(recurse=False):
-        setattr(dst, name, p)
-    for name, child in src.named_children():
-        _share_parameters(getattr(dst, name), child)
 
 
 class FusedAttention(nn.MultiheadAttention):
@@ -51,7 +44,7 @@ class FusedAttention(nn.MultiheadAttention):
         p = mha.out_proj.weight
         m = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.bias_k is not None,
                 mha.add_zero_attn, mha.kdim, mha.vdim, mha.batch_first, device=p.device, dtype=p.dtype)
-        _share_parameters(m, mha)
+        share_parameters(m, mha)
         return m.train(mha.training)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -220,7 +213,7 @@ class FusedTransformerEncoderLayer(nn.Module):
         m = cls(layer.linear1.in_features, layer.self_attn.num_heads, layer.linear1.out_features,
                 layer.dropout.p, layer.activation, layer.norm1.eps, layer.self_attn.batch_first, layer.norm_first,
                 layer.linear1.bias is not None, device=w.device, dtype=w.dtype)
-        _share_parameters(m, layer)
+        share_parameters(m, layer)
         return m.train(layer.training)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):

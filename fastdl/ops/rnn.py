@@ -1,0 +1,111 @@
+"""rnn: LSTM, GRU and Elman RNN layers, the time loop and backpropagation through time in C++.
+
+The fastdl::rnn_forward / _backward schemas (csrc/fastdl.cpp) run one layer and direction given
+the input projections of every step; their C++ implementations for CPU (csrc/cpu/rnn_api.cpp) and
+CUDA (csrc/cuda/rnn_api.cpp) share the loop of csrc/rnn_scan.h (per step, the recurrent GEMM and
+one fused pointwise kernel), and the dispatcher picks one. This module adds their fake impls and
+autograd (torch.library.register_autograd), `scan` (one layer and direction, routed to
+fastdl/reference/rnn.py only when fastdl._backends says no kernel applies) and `rnn`, the stack of
+layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
+"""
+import torch
+import torch.nn.functional as tF
+
+from fastdl import _backends, _extension
+from fastdl.reference import rnn as reference
+
+MODES = tuple(reference.GATES)
+SPEC = _backends.register(_backends.OpSpec(
+    "rnn", gpu="cuda",
+    cpu_dtypes=(torch.float32, torch.float64),
+    gpu_dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)))
+
+
+def scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse):
+    """One layer and direction: (output, h_n, c_n or None).
+
+    gates_x: x W_ih^T + b_ih, (T, N, G*H), or packed (sum(batch_sizes), G*H) with a PackedSequence's
+    batch_sizes; h0, c0 (c0 for "lstm" only): (N, H); w_hh: (G*H, H); b_hh: (G*H,) or None.
+    output: gates_x's shape with H last; h_n, c_n: (N, H), each sequence's last state.
+    """
+    if _backends.choose(SPEC.name, h0.device.type, h0.dtype).name == "reference":
+        return reference.scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates_x, h0, c0, w_hh, b_hh))
+    out, h_n, c_n, _ = torch.ops.fastdl.rnn_forward(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse, save)
+    return out, h_n, c_n if mode == "lstm" else None
+
+
+def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropout, training):
+    """A stack of layers, as nn.LSTM / nn.GRU / nn.RNN compute it: (output, h_n, c_n or None).
+
+    x: (T, N, I), or packed (sum(batch_sizes), I); hx, cx: (num_layers * D, N, H), cx for "lstm";
+    weights: per layer and direction (D = 2 when bidirectional), (w_ih, w_hh, b_ih, b_hh), the
+    biases None without bias. Dropout of probability `dropout` applies to every layer's output but
+    the last, in training. output: (T, N, D*H) or packed (S, D*H); h_n, c_n: (num_layers * D, N, H).
+    """
+    D = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh = weights[k]
+            out, h, c = scan(tF.linear(x, w_ih, b_ih), batch_sizes, hx[k], None if cx is None else cx[k], w_hh,
+                             b_hh, mode, reverse=d == 1)
+            outs.append(out), h_n.append(h), c_n.append(c)
+        x = torch.cat(outs, -1) if D == 2 else outs[0]
+        if dropout and training and layer < num_layers - 1:
+            x = tF.dropout(x, dropout, training=True)
+    return x, torch.stack(h_n), None if cx is None else torch.stack(c_n)
+
+
+def _workspace_width(mode, H):
+    return {"lstm": 5 * H, "gru": 4 * H}.get(mode, 0)
+
+
+def _fake_forward(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse, save_workspace):
+    H = h0.shape[1]
+    rows = gates_x.shape[0] if batch_sizes is not None else gates_x.shape[0] * gates_x.shape[1]
+    return (gates_x.new_empty(gates_x.shape[:-1] + (H,)), h0.new_empty(h0.shape),
+            h0.new_empty(h0.shape if mode == "lstm" else (0,)),
+            h0.new_empty((rows if save_workspace else 0, _workspace_width(mode, H))))
+
+
+def _fake_backward(grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, output, workspace, mode, reverse):
+    G = w_hh.shape[0] // w_hh.shape[1]
+    return (output.new_empty(output.shape[:-1] + (w_hh.shape[0],)), h0.new_empty(h0.shape),
+            h0.new_empty(h0.shape if mode == "lstm" else (0,)), w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty((G * w_hh.shape[1],)))
+
+
+def _setup_context(ctx, inputs, output):
+    gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse, save_workspace = inputs
+    out, _, _, workspace = output
+    ctx.mode, ctx.reverse, ctx.has_workspace, ctx.has_bias = mode, reverse, save_workspace, b_hh is not None
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, out, workspace)
+
+
+def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
+    """Backpropagation through time in one rnn_backward call; not differentiable itself."""
+    batch_sizes, h0, c0, w_hh, out, workspace = ctx.saved_tensors
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_out, grad_h_n, grad_c_n, w_hh)):
+        raise NotImplementedError("rnn: double backward (create_graph=True through fastdl's recurrent layers) is "
+                                  "not implemented; use torch.nn.LSTM / GRU / RNN for higher-order gradients")
+    if not ctx.has_workspace:
+        raise RuntimeError("rnn_forward: called with save_workspace=False, so it cannot be differentiated")
+    lstm = ctx.mode == "lstm"
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
+    if lstm and grad_c_n is None:
+        grad_c_n = torch.zeros_like(h0)
+    dgx, dh0, dc0, dw_hh, db_hh = torch.ops.fastdl.rnn_backward(
+        grad_out, grad_h_n, grad_c_n if lstm else None, batch_sizes, h0, c0, w_hh, out, workspace, ctx.mode,
+        ctx.reverse)
+    return dgx, None, dh0, dc0 if lstm else None, dw_hh, db_hh if ctx.has_bias else None, None, None, None
+
+
+if _extension.loaded():
+    torch.library.register_fake("fastdl::rnn_forward")(_fake_forward)
+    torch.library.register_fake("fastdl::rnn_backward")(_fake_backward)
+    torch.library.register_autograd("fastdl::rnn_forward", _backward, setup_context=_setup_context)

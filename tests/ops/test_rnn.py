@@ -1,0 +1,216 @@
+"""fastdl::rnn_forward / rnn_backward (one layer and direction, the time loop in C++) against the
+PyTorch contract of fastdl/reference/rnn.py in float64: every output and every gradient, packed and
+padded steps, both directions; gradcheck, opcheck, torch.compile and the error messages."""
+import pytest
+import torch
+
+import fastdl  # noqa: F401  (registers the ops)
+from fastdl import _extension
+from fastdl.ops import rnn as ops
+from fastdl.reference import rnn as reference
+from fastdl.testing import assert_close
+
+pytestmark = pytest.mark.skipif(not _extension.loaded(), reason="fastdl._C is not built")
+
+MODES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# (T, N, H, batch_sizes or None)
+SHAPES = [
+    (4, 5, 13, None),
+    (4, 5, 13, [5, 4, 2, 2]),
+    (1, 1, 8, None),
+    (6, 3, 33, [3, 3, 3, 2, 1, 1]),
+    (3, 64, 64, [64, 40, 1]),
+]
+
+
+def sid(s):
+    T, N, H, bs = s
+    return f"T{T}-N{N}-H{H}" + ("-packed" if bs else "")
+
+
+def make_inputs(mode, shape, bias=True, seed=0, dtype=torch.float64, device="cpu"):
+    """(gates_x, batch_sizes, h0, c0, w_hh, b_hh), float64 leaves requiring grad, then cast."""
+    T, N, H, bs = shape
+    G = reference.GATES[mode]
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(bs) if bs else T * N
+    gx = torch.randn((rows, G * H) if bs else (T, N, G * H), generator=g, dtype=torch.float64)
+    h0, c0 = (torch.randn(N, H, generator=g, dtype=torch.float64) for _ in range(2))
+    w_hh = torch.randn(G * H, H, generator=g, dtype=torch.float64) / H ** 0.5
+    b_hh = torch.randn(G * H, generator=g, dtype=torch.float64) if bias else None
+    ts = [t.to(device, dtype).requires_grad_() if t is not None else None
+          for t in (gx, h0, c0 if mode == "lstm" else None, w_hh, b_hh)]
+    batch_sizes = torch.tensor(bs, dtype=torch.int64) if bs else None
+    return ts[0], batch_sizes, ts[1], ts[2], ts[3], ts[4]
+
+
+def outputs_and_grads(fn, args, seed=1):
+    """fn's outputs (output, h_n, c_n) and the gradients of a random projection of them with
+    respect to gates_x, h0, c0, w_hh, b_hh (None where absent)."""
+    gx, bs, h0, c0, w_hh, b_hh = args
+    outs = [o for o in fn(gx, bs, h0, c0, w_hh, b_hh) if o is not None]
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum() for o in outs)
+    leaves = [t for t in (gx, h0, c0, w_hh, b_hh) if t is not None]
+    grads = iter(torch.autograd.grad(loss, leaves))
+    return outs, [next(grads) if t is not None else None for t in (gx, h0, c0, w_hh, b_hh)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("shape", SHAPES, ids=sid)
+@pytest.mark.parametrize("mode", MODES)
+def test_scan_matches_reference(mode, shape, reverse, dtype):
+    T, N, H, _ = shape
+    args = make_inputs(mode, shape, dtype=dtype)
+    ref_args = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t for t in args]
+    got, got_grads = outputs_and_grads(lambda *a: ops.scan(*a, mode, reverse), args)
+    want, want_grads = outputs_and_grads(lambda *a: reference.scan(*a, mode, reverse), ref_args)
+    for name, a, e in zip(("output", "h_n", "c_n"), got, want):
+        assert_close(name, a, e, dtype=dtype, n=H)
+    rows = args[0].numel() // args[0].shape[-1]
+    for name, a, e, n in zip(("grad_gates_x", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh"), got_grads, want_grads,
+                             (H * T, H * T, H * T, rows * T, rows * T)):
+        if e is not None:
+            assert_close(name, a, e, dtype=dtype, n=n)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_bias_and_workspace(mode):
+    """b_hh = None matches the reference; without a gradient to take, no workspace is kept."""
+    args = make_inputs(mode, SHAPES[1], bias=False)
+    got, got_grads = outputs_and_grads(lambda *a: ops.scan(*a, mode, True), args)
+    want, want_grads = outputs_and_grads(lambda *a: reference.scan(*a, mode, True), args)
+    for a, e in zip(got + got_grads, want + want_grads):
+        if e is not None:
+            assert_close("output or gradient", a, e, n=64)
+    gx, bs, h0, c0, w_hh, _ = args
+    with torch.no_grad():
+        out = torch.ops.fastdl.rnn_forward(gx, bs, h0, c0, w_hh, None, mode, False, False)
+    assert out[3].shape[0] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(3, 4, 5, None), (4, 3, 3, [3, 2, 2, 1])], ids=sid)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_gradcheck_cpu_kernel(mode, shape, reverse):
+    gx, bs, h0, c0, w_hh, b_hh = make_inputs(mode, shape)
+    leaves = [t for t in (gx, h0, c0, w_hh, b_hh) if t is not None]
+
+    def f(*ts):
+        it = iter(ts)
+        gx_, h0_ = next(it), next(it)
+        c0_ = next(it) if mode == "lstm" else None
+        out, h_n, c_n = ops.scan(gx_, bs, h0_, c0_, next(it), next(it), mode, reverse)
+        return (out, h_n) + ((c_n,) if c_n is not None else ())
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def _op_samples():
+    for mode in MODES:
+        for shape in (SHAPES[0], SHAPES[1]):
+            for reverse in (False, True):
+                gx, bs, h0, c0, w_hh, b_hh = make_inputs(mode, shape, dtype=torch.float32)
+                yield (gx, bs, h0, c0, w_hh, b_hh, mode, reverse, True)
+
+
+@pytest.mark.parametrize("sample", list(_op_samples()),
+                         ids=lambda s: f"{s[6]}-{'packed' if s[1] is not None else 'padded'}-{'rev' if s[7] else 'fwd'}")
+def test_opcheck(sample):
+    torch.library.opcheck(torch.ops.fastdl.rnn_forward.default, sample)
+    gx, bs, h0, c0, w_hh, b_hh, mode, reverse, _ = sample
+    with torch.no_grad():
+        out, h_n, c_n, ws = torch.ops.fastdl.rnn_forward(*sample)
+    detached = [t.detach() if t is not None else None for t in (h0, c0, w_hh)]
+    torch.library.opcheck(torch.ops.fastdl.rnn_backward.default,
+                          (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(h_n) if mode == "lstm" else None,
+                           bs, *detached, out, ws, mode, reverse))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_compile_fullgraph(mode, backend):
+    torch._dynamo.reset()
+    gx, bs, h0, c0, w_hh, b_hh = make_inputs(mode, SHAPES[0], dtype=torch.float32)
+
+    def f(gx, h0, c0, w_hh, b_hh):
+        out, h_n, c_n = ops.scan(torch.tanh(gx), None, h0, c0, w_hh, b_hh, mode, False)
+        return out.sum() + h_n.square().sum() + (c_n.sum() if c_n is not None else 0)
+
+    leaves = [t for t in (gx, h0, c0, w_hh, b_hh) if t is not None]
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(gx, h0, c0, w_hh, b_hh)
+    want = f(gx, h0, c0, w_hh, b_hh)
+    assert_close("loss", got, want.double(), n=100)
+    for name, a, e in zip(("gates_x", "h0", "c0 or w_hh", "w_hh or b_hh", "b_hh"),
+                          torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        assert_close(f"grad of {name}", a, e.double(), dtype=torch.float32, n=100)
+
+
+def test_double_backward_is_not_implemented():
+    gx, bs, h0, c0, w_hh, b_hh = make_inputs("lstm", SHAPES[0])
+    out, h_n, _ = ops.scan(gx, bs, h0, c0, w_hh, b_hh, "lstm", False)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), (gx, w_hh), create_graph=True)
+
+
+def _bad_calls():
+    gx, bs, h0, c0, w_hh, b_hh = (t.detach() if isinstance(t, torch.Tensor) else t
+                                  for t in make_inputs("lstm", SHAPES[1], dtype=torch.float32))
+    op = torch.ops.fastdl.rnn_forward
+
+    def call(**kw):
+        args = dict(gates_x=gx, batch_sizes=bs, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, mode="lstm", reverse=False,
+                    save_workspace=False)
+        args.update(kw)
+        return lambda: op(*args.values())
+
+    return [
+        (call(mode="lstmx"), ValueError, "mode: expected one of"),
+        (call(h0=h0[0]), ValueError, "h0: expected a 2-D"),
+        (call(c0=None), ValueError, r"c0: expected an \(N, H\) cell state"),
+        (call(c0=c0[:2]), ValueError, "c0: expected shape"),
+        (call(w_hh=w_hh[:, :4]), ValueError, "w_hh: expected shape"),
+        (call(w_hh=w_hh.double()), TypeError, "w_hh: expected dtype"),
+        (call(b_hh=b_hh[:5]), ValueError, "b_hh: expected shape"),
+        (call(gates_x=gx[:, :7]), ValueError, "gates_x: expected packed shape"),
+        (call(gates_x=gx[:5]), ValueError, "gates_x: expected 13 rows"),
+        (call(batch_sizes=torch.tensor([5, 5, 3, 6])), ValueError, "batch_sizes: expected positive, non-increasing"),
+        (call(batch_sizes=torch.tensor([4, 4, 3, 2])), ValueError, "batch_sizes: expected positive, non-increasing"),
+        (call(batch_sizes=bs.int()), ValueError, "batch_sizes: expected a 1-D int64 CPU tensor"),
+        (call(batch_sizes=None), ValueError, r"gates_x: expected shape \(T, 5, 52\)"),
+        (call(h0=h0.half(), c0=c0.half(), w_hh=w_hh.half(), b_hh=b_hh.half(), gates_x=gx.half()), TypeError,
+         "h0: the CPU kernel expects float32 or float64"),
+        (call(mode="gru", w_hh=w_hh[:39]), ValueError, "c0: expected None for mode 'gru'"),
+    ]
+
+
+@pytest.mark.parametrize("fn, exc, msg", _bad_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_is_named(fn, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+# ---- CUDA -----------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("shape", SHAPES, ids=sid)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_scan_matches_reference(mode, shape, reverse, dtype):
+    T, N, H, _ = shape
+    args = make_inputs(mode, shape, dtype=dtype, device="cuda")
+    ref_args = [t.detach().double().cpu().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                else t for t in args]
+    got, got_grads = outputs_and_grads(lambda *a: ops.scan(*a, mode, reverse), args)
+    want, want_grads = outputs_and_grads(lambda *a: reference.scan(*a, mode, reverse), ref_args)
+    for name, a, e in zip(("output", "h_n", "c_n"), got, want):
+        assert_close(name, a, e, dtype=dtype, n=H)
+    rows = args[0].numel() // args[0].shape[-1]
+    for name, a, e, n in zip(("grad_gates_x", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh"), got_grads, want_grads,
+                             (H * T, H * T, H * T, rows * T, rows * T)):
+        if e is not None:
+            assert_close(name, a, e, dtype=dtype, n=n)

@@ -30,6 +30,7 @@
 #include <new>
 
 #include "cpu/attention.h"
+#include "cpu/vec_math.h"
 
 namespace fastdl::cpu {
 
@@ -179,29 +180,7 @@ void gemm_add(int64_t rows, int64_t nvec, int64_t K, const T* A, int64_t ar, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp and the dropout hash
-
-// exp(x) in float, to ~1 ulp, written so that a simd loop vectorizes it: exp(x) = 2^n * exp(r)
-// with n = round(x / ln 2), r = x - n ln 2 (Cody-Waite), exp(r) a degree-7 polynomial (Cephes
-// expf). 0 below -87.3 (so exp(-inf) = 0 exactly); x is never above 0 here.
-inline float exp_of(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float pow2n;
-  std::memcpy(&pow2n, &bits, sizeof(float));
-  return x < -87.0f ? 0.0f : y * pow2n;
-}
-inline double exp_of(double x) { return std::exp(x); }
+// The dropout hash (exp_of is in csrc/cpu/vec_math.h)
 
 // The lowbias32 integer hash and the per-row hash of fastdl/reference/attention.py.
 constexpr uint32_t kGolden = 0x9E3779B9u;

@@ -6,8 +6,8 @@ weights; eager, the nn module. There is no "compile" for layers: torch.compile d
 nn.LSTM / GRU / RNN (it runs them eagerly), so it would time eager again. Shapes: PyTorch's
 fastrnns one (T=100, N=64, I=H=512, 1 layer), small batches (N=1 and 8) and a 2-layer
 bidirectional classifier (T=50, N=32, I=128, H=256, batch_first).
-Cell cases: a Python loop over T steps of fastdl.Fused*Cell (fastdl), of nn.*Cell (eager), and
-torch.compile of nn's loop (compile).
+Cell cases: a Python loop over T steps of fastdl.Fused*Cell (fastdl), of nn.*Cell (eager), and of
+torch.compile(nn.*Cell, fullgraph=True) (compile: the step compiled, the loop left in Python).
 fwd is inference (no_grad); fwd+bwd the forward and torch.autograd.grad of x and every parameter.
 flops: 2 * T * N * G * H * (I + H) per layer and direction for the forward (the GEMMs), 3 times
 that for forward and backward.
@@ -75,6 +75,7 @@ def cell_forward(impl, case, device):
     eager_cls, fused_cls = CELLS[case["kind"]]
     eager = eager_cls(I, H, device=device, dtype=dtype)
     cell = fused_cls.from_module(eager) if impl == "fastdl" else eager
+    step = torch.compile(eager, fullgraph=True) if impl == "compile" else cell
     x = torch.randn(T, N, I, device=device, dtype=dtype, requires_grad=case["pass"] != "fwd")
     lstm = case["kind"] == "lstm"
 
@@ -82,11 +83,10 @@ def cell_forward(impl, case, device):
         state = None
         outs = []
         for t in range(T):
-            state = cell(x[t], state)
+            state = step(x[t], state)
             outs.append(state[0] if lstm else state)
         return torch.stack(outs)
-    run = torch.compile(loop, fullgraph=True) if impl == "compile" else loop
-    return (lambda: run(x)), [x, *cell.parameters()]
+    return (lambda: loop(x)), [x, *cell.parameters()]
 
 
 def _step(forward, inputs, case):

@@ -10,7 +10,6 @@ those (torch._dynamo.config.allow_rnn), and traces these with fullgraph=True.
 Not implemented (NotImplementedError naming them): LSTM's proj_size > 0 and double backward.
 """
 import torch
-import torch.nn.functional as tF
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -195,7 +194,7 @@ class _FusedCellBase:
                 _check_state(name, t, shape, x)
             states = [t if batched else t.unsqueeze(0) for t in states]
             h0, c0 = states[0], states[1] if lstm else None
-        gates_x = tF.linear(x, self.weight_ih, self.bias_ih).unsqueeze(0)
+        gates_x = _rnn.project(x, self.weight_ih, self.bias_ih).unsqueeze(0)
         _, h, c = _rnn.scan(gates_x, None, h0, c0 if lstm else None, self.weight_hh, self.bias_hh, mode, False)
         return (h, c) if batched else (h.squeeze(0), None if c is None else c.squeeze(0))
 

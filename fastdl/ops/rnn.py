@@ -35,6 +35,44 @@ def scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse):
     return out, h_n, c_n if mode == "lstm" else None
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_applies(x):
+    """Whether the input projection runs on oneDNN: CPU float32, oneDNN built and enabled, eager."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+            and _HAS_ONEDNN and torch.backends.mkldnn.enabled)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """x w^T + b for a 2-D x, its three GEMMs (forward, grad_x, grad_w) on oneDNN, as
+    csrc/rnn_scan.h runs the recurrent ones: at these shapes about twice MKL's sgemm on CPUs where
+    MKL takes a slow path (AMD), as fast elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        lp = torch.ops.mkldnn._linear_pointwise
+        grad_x = lp(grad, w.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+        grad_w = lp(x.t(), grad.t(), None, "none", [], "").t() if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def project(x, w_ih, b_ih):
+    """gates_x = x w_ih^T + b_ih for x of (..., I): F.linear, or oneDNN on the CPU in float32."""
+    if not _onednn_applies(x):
+        return tF.linear(x, w_ih, b_ih)
+    flat = x.reshape(-1, x.shape[-1])
+    return _OneDnnLinear.apply(flat, w_ih, b_ih).view(*x.shape[:-1], w_ih.shape[0])
+
+
 def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropout, training):
     """A stack of layers, as nn.LSTM / nn.GRU / nn.RNN compute it: (output, h_n, c_n or None).
 
@@ -50,7 +88,7 @@ def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropou
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh = weights[k]
-            out, h, c = scan(tF.linear(x, w_ih, b_ih), batch_sizes, hx[k], None if cx is None else cx[k], w_hh,
+            out, h, c = scan(project(x, w_ih, b_ih), batch_sizes, hx[k], None if cx is None else cx[k], w_hh,
                              b_hh, mode, reverse=d == 1)
             outs.append(out), h_n.append(h), c_n.append(c)
         x = torch.cat(outs, -1) if D == 2 else outs[0]

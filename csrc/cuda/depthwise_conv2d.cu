@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cuda/depthwise_conv2d.h"
+#include "cuda/element_types.cuh"
 
 #define DW_HD __host__ __device__ __forceinline__
 
@@ -38,27 +39,6 @@ using depthwise::Act;
 using depthwise::BackwardParams;
 using depthwise::ForwardParams;
 using depthwise::Shape;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using Acc = typename AccOf<T>::type;
-
-DW_HD float to_acc(float v) { return v; }
-DW_HD double to_acc(double v) { return v; }
-DW_HD float to_acc(__half v) { return __half2float(v); }
-DW_HD float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-DW_HD void store(float* p, float v) { *p = v; }
-DW_HD void store(double* p, double v) { *p = v; }
-DW_HD void store(__half* p, float v) { *p = __float2half_rn(v); }
-DW_HD void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 constexpr int kLanes = 32;                 // blockDim.x: output columns (NCHW) or channels (NHWC)
 constexpr int kRows = 8;                   // blockDim.y
@@ -837,13 +817,13 @@ void depthwise_conv2d_forward(const depthwise::ForwardParams<T>& p, cudaStream_t
 
 template <typename T>
 size_t depthwise_conv2d_backward_workspace_size(const depthwise::Shape& s) {
-  return size_t(dw::weight_split(s).parts * s.C * s.mult * s.KH * s.KW) * sizeof(dw::Acc<T>);
+  return size_t(dw::weight_split(s).parts * s.C * s.mult * s.KH * s.KW) * sizeof(Acc<T>);
 }
 
 template <typename T>
 void depthwise_conv2d_backward(const depthwise::BackwardParams<T>& p, void* workspace, cudaStream_t stream) {
   if (p.grad_x) dw::launch_grad_x(p, stream);
-  if (p.grad_weight) dw::launch_grad_weight(p, static_cast<dw::Acc<T>*>(workspace), stream);
+  if (p.grad_weight) dw::launch_grad_weight(p, static_cast<Acc<T>*>(workspace), stream);
 }
 
 #define FASTDL_DW_INSTANTIATE(T)                                                                       \

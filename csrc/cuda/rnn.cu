@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "cuda/rnn.h"
+#include "cuda/element_types.cuh"
 #include "rnn_cell.h"
 
 #define RNN_HD __host__ __device__ __forceinline__
@@ -31,27 +32,6 @@ namespace rnn_k {
 using rnn::Mode;
 using rnn::StepBackward;
 using rnn::StepForward;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using Acc = typename AccOf<T>::type;
-
-RNN_HD float to_acc(float v) { return v; }
-RNN_HD double to_acc(double v) { return v; }
-RNN_HD float to_acc(__half v) { return __half2float(v); }
-RNN_HD float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-RNN_HD void store(float* p, float v) { *p = v; }
-RNN_HD void store(double* p, double v) { *p = v; }
-RNN_HD void store(__half* p, float v) { *p = __float2half_rn(v); }
-RNN_HD void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // The math policy of csrc/rnn_cell.h on the device: the accurate expf / tanhf (a few ulp) and a fast
 // reciprocal (__fdividef: 2 ulp; for 1 + e^-x above 2^126 it gives 0, where sigmoid < 2^-126

@@ -147,6 +147,27 @@ def test_dropout(kind):
     assert not torch.allclose(got, ours.eval()(x)[0])
 
 
+def test_dropout_keep_rate():
+    """Layer 2 of a relu FusedRNN with w_ih = I, w_hh = 0 and no bias outputs relu(dropout(layer 1's
+    output)), which is positive: zeros are exactly the dropped units, and kept ones are scaled by
+    1 / (1 - p)."""
+    p, H = 0.3, 64
+    torch.manual_seed(0)
+    rnn = fastdl.FusedRNN(8, H, num_layers=2, nonlinearity="relu", dropout=p)
+    first = fastdl.FusedRNN(8, H, nonlinearity="relu")
+    with torch.no_grad():
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            getattr(rnn, name).uniform_(0.1, 0.2)
+            getattr(first, name).copy_(getattr(rnn, name))
+        rnn.weight_ih_l1.copy_(torch.eye(H)), rnn.weight_hh_l1.zero_(), rnn.bias_ih_l1.zero_(), rnn.bias_hh_l1.zero_()
+    x = torch.rand(20, 16, 8)
+    layer1 = first(x)[0]
+    out = rnn(x)[0]
+    kept = out != 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.02
+    assert_close("kept units", out[kept], (layer1 / (1 - p))[kept].double(), dtype=torch.float32, n=H)
+
+
 def test_state_dicts_load_both_ways_and_from_module():
     for kind, (ref_cls, our_cls, kw) in LAYERS.items():
         ref = ref_cls(3, 5, num_layers=2, bidirectional=True, **kw)

@@ -7,7 +7,9 @@ nn.LSTM / GRU / RNN (it runs them eagerly), so it would time eager again. Shapes
 fastrnns one (T=100, N=64, I=H=512, 1 layer), small batches (N=1 and 8) and a 2-layer
 bidirectional classifier (T=50, N=32, I=128, H=256, batch_first).
 Cell cases: a Python loop over T steps of fastdl.Fused*Cell (fastdl), of nn.*Cell (eager), and of
-torch.compile(nn.*Cell, fullgraph=True) (compile: the step compiled, the loop left in Python).
+torch.compile(nn.*Cell, fullgraph=True) (compile: the step compiled, the loop left in Python). The
+loop takes its steps from x.unbind(0) (whose backward is one stack) rather than x[t] (whose backward
+fills and adds a zero tensor of x's size per step: O(T^2) traffic that swamps any cell).
 fwd is inference (no_grad); fwd+bwd the forward and torch.autograd.grad of x and every parameter.
 flops: 2 * T * N * G * H * (I + H) per layer and direction for the forward (the GEMMs), 3 times
 that for forward and backward.
@@ -82,8 +84,8 @@ def cell_forward(impl, case, device):
     def loop(x):
         state = None
         outs = []
-        for t in range(T):
-            state = step(x[t], state)
+        for x_t in x.unbind(0):
+            state = step(x_t, state)
             outs.append(state[0] if lstm else state)
         return torch.stack(outs)
     return (lambda: loop(x)), [x, *cell.parameters()]

@@ -179,7 +179,10 @@ inline bool use_onednn(const Tensor& t) {
 }
 
 // w (out, in) packed for x w^T with x of about `rows` rows (use_onednn must hold).
-inline Tensor onednn_pack(const Tensor& w, int64_t rows) {
+// A single step (a cell) reads w once: packing it would cost about what it saves, so oneDNN then
+// reads it in place, strided or not.
+inline Tensor onednn_pack(const Tensor& w, int64_t rows, int64_t steps) {
+  if (steps < 2) return w;
   const at::NoGradGuard no_grad;
   const c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset);
   return onednn_ops().pack->call(w.contiguous(), std::max<int64_t>(rows, 1));
@@ -192,6 +195,14 @@ inline Tensor onednn_linear(const Tensor& x, const Tensor& w, const OptTensor& b
   return onednn_ops().linear->call(x, w, b, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
 }
 
+// g^T x for g (S, M) and x (S, K) (use_onednn must hold): a new (M, K) tensor. oneDNN's first
+// operand is made contiguous: x^T (and the (K, M) result transposed) or g^T, whichever copies less.
+inline Tensor onednn_weight_grad(const Tensor& g, const Tensor& x) {
+  const int64_t S = g.size(0), M = g.size(1), K = x.size(1);
+  if (S * M <= S * K + M * K) return onednn_linear(g.t(), x.t(), std::nullopt);
+  return onednn_linear(x.t(), g.t(), std::nullopt).t().contiguous();
+}
+
 // rnn_forward: for each step (in loop order), gh = h W_hh^T + b_hh on its rows, then step(params).
 // T is the kernels' element type (same size as the tensors' dtype).
 template <typename T, typename Step>
@@ -202,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_forward(const Args& a, const Ten
   const Tensor gx = gates_x.reshape({a.S, GH}).contiguous(), w_t = w_hh.t();
   const auto opts = gates_x.options();
   const bool onednn = use_onednn(h0) && a.S > 0 && a.H > 0;
-  const Tensor w = onednn ? onednn_pack(w_hh, a.N) : w_hh;
+  const Tensor w = onednn ? onednn_pack(w_hh, a.N, a.T) : w_hh;
   const OptTensor b = onednn && b_hh.has_value() ? OptTensor(b_hh->contiguous()) : b_hh;
   Tensor out = at::empty({a.S, a.H}, opts), h = h0.contiguous().clone();
   Tensor c = a.mode == Mode::Lstm ? c0->contiguous().clone() : at::empty({0}, opts);
@@ -254,7 +265,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
   const Tensor go = grad_output.reshape({a.S, a.H}).contiguous(), out = output.reshape({a.S, a.H}).contiguous();
   const bool onednn = use_onednn(h0) && a.S > 0 && a.H > 0;
   // oneDNN computes x w^T: the carry dgx W_hh is dgx (W_hh^T)^T.
-  const Tensor ws = workspace.contiguous(), w = onednn ? onednn_pack(w_hh.t(), a.N) : w_hh.contiguous();
+  const Tensor ws = workspace.contiguous(), w = onednn ? onednn_pack(w_hh.t(), a.N, a.T) : w_hh.contiguous();
   const Tensor h_prev = previous(a, out, h0, reverse);
   const Tensor c_prev = lstm ? previous(a, ws.narrow(1, 4 * a.H, a.H), *c0, reverse) : at::empty({0}, opts);
   Tensor dgx = at::empty({a.S, GH}, opts), dgh = gru ? at::empty({a.S, GH}, opts) : dgx;
@@ -276,9 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
       at::mm_out(dhB, dgx.narrow(0, off, B), w);
     }
   }
-  // grad_w_hh = dgh^T h_prev; oneDNN gets it as (h_prev^T dgh)^T, reading dgh in place.
-  Tensor grad_w_hh =
-      onednn ? onednn_linear(h_prev.t(), dgh.t(), std::nullopt).t().contiguous() : dgh.t().mm(h_prev);
+  Tensor grad_w_hh = onednn ? onednn_weight_grad(dgh, h_prev) : dgh.t().mm(h_prev);
   Tensor grad_b_hh = dgh.sum(0);
   return {dgx.view(a.packed ? std::vector<int64_t>{a.S, GH} : std::vector<int64_t>{a.T, a.N, GH}), dh, dc,
           grad_w_hh, grad_b_hh};

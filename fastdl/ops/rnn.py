@@ -60,7 +60,11 @@ class _OneDnnLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         lp = torch.ops.mkldnn._linear_pointwise
         grad_x = lp(grad, w.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
-        grad_w = lp(x.t(), grad.t(), None, "none", [], "").t() if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # grad^T x, the operand oneDNN copies chosen as in csrc/rnn_scan.h
+            S, M, K = x.shape[0], grad.shape[1], x.shape[1]
+            grad_w = (lp(grad.t(), x.t(), None, "none", [], "") if S * M <= S * K + M * K
+                      else lp(x.t(), grad.t(), None, "none", [], "").t())
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

@@ -5,10 +5,11 @@ ops then run their PyTorch references, and fastdl.info() says so.
 """
 from fastdl import functional, ops  # noqa: F401  (registers the ops)
 from fastdl._info import info
+from fastdl.convert import convert
 from fastdl.nn import (DepthwiseConv2d, DepthwiseSeparableConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU,
                        FusedGRUCell, FusedLSTM, FusedLSTMCell, FusedRNN, FusedRNNCell, FusedTransformerEncoderLayer)
 
 __version__ = "0.1.0"
 __all__ = ["DepthwiseConv2d", "DepthwiseSeparableConv2d", "FusedAttention", "FusedBatchNorm2d", "FusedGRU",
            "FusedGRUCell", "FusedLSTM", "FusedLSTMCell", "FusedRNN", "FusedRNNCell", "FusedTransformerEncoderLayer",
-           "functional", "info"]
+           "convert", "functional", "info"]

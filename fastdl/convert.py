@@ -1,0 +1,181 @@
+"""fastdl.convert: swap a model's torch.nn modules for fastdl's, and fuse BN -> (add ->) ReLU.
+
+    model = fastdl.convert(torchvision.models.resnet18(), inplace=False)
+    model, report = fastdl.convert(model, report=True); print(report)
+
+Two passes, weights preserved (the new modules share the converted model's parameters and
+buffers, so with inplace=False the original is deep-copied first):
+1. Fusion, where torch.fx can trace the model: a BatchNorm2d whose only use feeds an activation
+   (ReLU, ReLU6, LeakyReLU; module, function or method), or an add whose result feeds one, becomes
+   one FusedBatchNorm2d computing act(BN(x) + residual). The result is a torch.fx.GraphModule with
+   the same module names (state_dict keys) as the original. When tracing fails, the model keeps its
+   own class and forward, and the report says why.
+2. Swaps, by module type: MultiheadAttention, TransformerEncoderLayer, LSTM / GRU / RNN and their
+   cells, depthwise Conv2d (groups == in_channels) and any remaining BatchNorm2d.
+"""
+import copy
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+from fastdl.nn import (DepthwiseConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU, FusedGRUCell, FusedLSTM,
+                       FusedLSTMCell, FusedRNN, FusedRNNCell, FusedTransformerEncoderLayer)
+
+_FASTDL_MODULES = (DepthwiseConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU, FusedGRUCell, FusedLSTM,
+                   FusedLSTMCell, FusedRNN, FusedRNNCell, FusedTransformerEncoderLayer)
+
+
+@dataclass
+class Report:
+    """What convert changed: swapped modules (name, from, to), fused patterns (name, pattern),
+    modules left alone (name, why), and why the model could not be traced, if it could not."""
+    swapped: list = field(default_factory=list)
+    fused: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    trace_error: str = None
+
+    def __str__(self):
+        lines = [f"fastdl.convert: {len(self.swapped)} modules swapped, {len(self.fused)} patterns fused"]
+        lines += [f"  swapped {name}: {a} -> {b}" for name, a, b in self.swapped]
+        lines += [f"  fused   {name}: {pattern}" for name, pattern in self.fused]
+        lines += [f"  kept    {name}: {why}" for name, why in self.skipped]
+        if self.trace_error:
+            lines.append(f"  not traced (no fusion): {self.trace_error}")
+        return "\n".join(lines)
+
+
+def _swap_for(m):
+    """(the fastdl module replacing m, sharing its parameters) or (None, why not) or (None, None)."""
+    if isinstance(m, _FASTDL_MODULES):
+        return None, None
+    if isinstance(m, nn.MultiheadAttention):
+        return FusedAttention.from_module(m), None
+    if isinstance(m, nn.TransformerEncoderLayer):
+        return FusedTransformerEncoderLayer.from_module(m), None
+    if isinstance(m, nn.LSTM):
+        if m.proj_size:
+            return None, "proj_size > 0 is not implemented by FusedLSTM"
+        return FusedLSTM.from_module(m), None
+    for ref, fused in ((nn.GRU, FusedGRU), (nn.RNN, FusedRNN), (nn.LSTMCell, FusedLSTMCell),
+                       (nn.GRUCell, FusedGRUCell), (nn.RNNCell, FusedRNNCell)):
+        if isinstance(m, ref):
+            return fused.from_module(m), None
+    if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and m.in_channels > 1:
+        if m.out_channels % m.in_channels:
+            return None, "groups == in_channels but out_channels is not a multiple of it"
+        return DepthwiseConv2d.from_module(m), None
+    if isinstance(m, nn.BatchNorm2d):
+        return FusedBatchNorm2d.from_module(m), None
+    return None, None
+
+
+def _swap_modules(module, report, prefix=""):
+    for name, child in module.named_children():
+        qualified = f"{prefix}{name}"
+        new, why = _swap_for(child)
+        if new is not None:
+            setattr(module, name, new)
+            report.swapped.append((qualified, type(child).__name__, type(new).__name__))
+        else:
+            if why:
+                report.skipped.append((qualified, why))
+            if not isinstance(child, _FASTDL_MODULES):
+                _swap_modules(child, report, qualified + ".")
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's default tracer, with fastdl's modules kept as leaves too."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, _FASTDL_MODULES) or super().is_leaf_module(m, qualname)
+
+
+def _activation_of(node, modules):
+    """(activation, negative_slope) when node applies a ReLU, ReLU6 or LeakyReLU to its first
+    argument (module, function or method), else None."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if type(m) is nn.ReLU:
+            return "relu", 0.01
+        if type(m) is nn.ReLU6:
+            return "relu6", 0.01
+        if type(m) is nn.LeakyReLU:
+            return "leaky_relu", m.negative_slope
+        return None
+    if node.op == "call_function" and node.target in (torch.relu, torch.nn.functional.relu, torch.relu_):
+        return "relu", 0.01
+    if node.op == "call_function" and node.target is torch.nn.functional.relu6:
+        return "relu6", 0.01
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return "relu", 0.01
+    return None
+
+
+def _single_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _residual_of(add, bn_node):
+    """The other operand when `add` is bn_node + other (or other + bn_node), else None."""
+    is_add = ((add.op == "call_function" and add.target in (operator.add, operator.iadd, torch.add))
+              or (add.op == "call_method" and add.target in ("add", "add_")))
+    if not is_add or add.kwargs or len(add.args) != 2:
+        return None
+    a, b = add.args
+    other = b if a is bn_node else a if b is bn_node else None
+    return other if isinstance(other, torch.fx.Node) and other is not bn_node else None
+
+
+def _fuse(model, report):
+    """The traced model with BN -> act and BN -> add -> act fused, or the model (trace_error set)."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # any Python the tracer cannot follow: data-dependent control flow, ...
+        report.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return model
+    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
+            continue
+        user = _single_user(node)
+        residual = _residual_of(user, node) if user is not None else None
+        act_node = _single_user(user) if residual is not None else user
+        act = _activation_of(act_node, modules) if act_node is not None else None
+        if act is None or act_node.args[0] is not (user if residual is not None else node):
+            continue
+        bn = modules[node.target]
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, leaf,
+                FusedBatchNorm2d.from_module(bn, activation=act[0], negative_slope=act[1]))
+        if residual is not None:  # the residual may be computed after the BN (a downsample branch)
+            node.args = (node.args[0], residual)
+            user.prepend(node)
+        act_node.replace_all_uses_with(node)
+        gm.graph.erase_node(act_node)
+        if residual is not None:
+            gm.graph.erase_node(user)
+        report.fused.append((node.target, f"BatchNorm2d{' -> add' if residual is not None else ''} -> {act[0]}"))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def convert(model: nn.Module, inplace: bool = False, *, fuse: bool = True, report: bool = False):
+    """The model with torch.nn modules swapped for fastdl's and, where torch.fx can trace it (and
+    fuse=True), BN -> ReLU and BN -> add -> ReLU fused into FusedBatchNorm2d. inplace=False works on
+    a deep copy. Returns the model, or (model, Report) with report=True."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    rep = Report()
+    if not inplace:
+        model = copy.deepcopy(model)
+    if fuse:
+        model = _fuse(model, rep)
+    _swap_modules(model, rep)
+    return (model, rep) if report else model

@@ -1,0 +1,112 @@
+"""fastdl.convert on torchvision's resnet18 / resnet50 / mobilenet_v2 and on models of torch.nn
+modules: same state_dict keys, same outputs and parameter gradients (float64, train and eval),
+the BN -> (add ->) ReLU patterns fused, the module swaps, and the report."""
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fastdl
+from fastdl.testing import assert_close
+
+
+def compare(ref, conv, x, n):
+    """Outputs and every parameter gradient of conv against ref, in train then eval mode."""
+    assert sorted(conv.state_dict()) == sorted(ref.state_dict())
+    for training in (True, False):
+        ref.train(training), conv.train(training)
+        torch.manual_seed(1)  # the same dropout masks on both sides
+        want = ref(x)
+        torch.manual_seed(1)
+        got = conv(x)
+        assert_close(f"output ({'train' if training else 'eval'})", got, want, n=n)
+        grads = torch.autograd.grad(got.square().sum(), list(conv.parameters()))
+        wanted = torch.autograd.grad(want.square().sum(), list(ref.parameters()))
+        for (name, _), a, e in zip(ref.named_parameters(), grads, wanted):
+            assert_close(name, a, e, n=n)
+    for name, buf in ref.named_buffers():
+        if buf.is_floating_point():
+            assert_close(name, conv.get_buffer(name), buf, n=n)
+        else:
+            assert torch.equal(conv.get_buffer(name), buf), name
+
+
+@pytest.mark.parametrize("arch, fused, swapped, n", [
+    ("resnet18", 17, 3, 1e4),  # stem + 2 per block fused; the 3 downsample BNs swapped
+    ("resnet50", 49, 4, 1e6),  # deep: fp64 rounding adds up over 50 BN backward passes
+    ("mobilenet_v2", 35, 17 + 17, 1e4),  # conv-BN-ReLU6 fused; projection BNs and depthwise convs swapped
+])
+def test_torchvision_models(arch, fused, swapped, n):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(num_classes=10).double()
+    conv, report = fastdl.convert(ref, report=True)
+    assert report.trace_error is None
+    assert len(report.fused) == fused and len(report.swapped) == swapped, str(report)
+    assert all(isinstance(m, fastdl.FusedBatchNorm2d) for m in conv.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ref.modules() if isinstance(m, fastdl.FusedBatchNorm2d))
+    compare(ref, conv, torch.randn(2, 3, 48, 48, dtype=torch.float64), n)
+
+
+def test_report_names_what_changed():
+    ref = torchvision.models.resnet18(num_classes=10)
+    _, report = fastdl.convert(ref, report=True)
+    text = str(report)
+    assert "fused   layer1.0.bn2: BatchNorm2d -> add -> relu" in text
+    assert "fused   bn1: BatchNorm2d -> relu" in text
+    assert "swapped layer2.0.downsample.1: BatchNorm2d -> FusedBatchNorm2d" in text
+
+
+class Twins(nn.Module):
+    """torch.nn modules convert swaps, in a forward torch.fx cannot trace (data-dependent branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.lstm = nn.LSTM(8, 6, batch_first=True)
+        self.gru = nn.GRU(6, 5, bidirectional=True, batch_first=True)
+        self.cell = nn.RNNCell(10, 7)
+        self.proj = nn.LSTM(8, 6, proj_size=3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.dw(self.conv(x))))
+        seq = y.flatten(2).transpose(1, 2)  # (N, HW, 8)
+        if seq.sum() > -1e9:  # data-dependent: torch.fx cannot trace this
+            seq = seq + self.attn(seq, seq, seq, need_weights=False)[0]
+        seq = self.encoder(seq)
+        out, _ = self.gru(self.lstm(seq)[0])
+        return self.cell(out[:, -1])
+
+
+def test_untraceable_model_gets_the_swaps():
+    torch.manual_seed(0)
+    ref = Twins().double()
+    conv, report = fastdl.convert(ref, report=True)
+    assert report.trace_error is not None and not report.fused
+    assert type(conv) is Twins
+    kinds = {name: b for name, _, b in report.swapped}
+    assert kinds == {"dw": "DepthwiseConv2d", "bn": "FusedBatchNorm2d", "attn": "FusedAttention",
+                     "encoder": "FusedTransformerEncoderLayer", "lstm": "FusedLSTM", "gru": "FusedGRU",
+                     "cell": "FusedRNNCell"}
+    assert report.skipped == [("proj", "proj_size > 0 is not implemented by FusedLSTM")]
+    assert type(ref.lstm) is nn.LSTM  # inplace=False left the original alone
+    ref.eval(), conv.eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert_close("output", conv(x), ref(x), n=100)
+
+
+def test_inplace_and_idempotent():
+    ref = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.BatchNorm2d(3), nn.ReLU())
+    conv = fastdl.convert(ref, inplace=True, fuse=False)
+    assert conv is ref and isinstance(ref[0], fastdl.DepthwiseConv2d) and isinstance(ref[1], fastdl.FusedBatchNorm2d)
+    _, report = fastdl.convert(ref, report=True, fuse=False)
+    assert not report.swapped
+
+
+def test_not_a_module_is_named():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        fastdl.convert(lambda x: x)

@@ -7,3 +7,6 @@ from fastdl.models.rnn import RNNClassifier, RNNConfig, rnn
 from fastdl.models.lstm import LSTMConfig, LSTMForecaster, lstm
 from fastdl.models.transformer import TransformerClassifier, TransformerConfig, transformer
 from fastdl.models.attention import AttentionClassifier, AttentionConfig, attention
+from fastdl.models.gpt import GPT, GPTConfig, gpt
+from fastdl.models.diffusion import DDPM, DiffusionConfig, diffusion
+from fastdl.models.gan import Discriminator, GANConfig, Generator, gan, train_step

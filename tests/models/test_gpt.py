@@ -1,67 +1,17 @@
-"""fastdl.models.gpt against a twin built from torch.nn alone (nn.MultiheadAttention with an explicit
-causal attn_mask) holding the same state_dict: logits, loss and every gradient in float64, in training
-(dropout 0) and eval mode; weight tying through state_dict loading; and generate."""
+"""fastdl.models.gpt against its twin fastdl.reference.models.gpt, built from torch.nn alone
+(nn.MultiheadAttention with an explicit causal attn_mask) and holding the same state_dict: logits, loss
+and every gradient in float64, in training (dropout 0) and eval mode; weight tying through state_dict
+loading; and generate."""
 import pytest
 import torch
 from torch import nn
 
 from fastdl import models
+from fastdl.reference import models as reference
 from fastdl.testing import assert_close
 
 CONFIG = dict(vocab_size=29, block_size=8, n_layer=2, n_head=3, n_embd=12)
 N, T = 3, 7
-
-
-class TwinMLP(nn.Module):
-    def __init__(self, n_embd, bias):
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(0.0)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class TwinBlock(nn.Module):
-    def __init__(self, n_embd, n_head, bias):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = nn.MultiheadAttention(n_embd, n_head, bias=bias, batch_first=True)
-        self.resid_dropout = nn.Dropout(0.0)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = TwinMLP(n_embd, bias)
-
-    def forward(self, x):
-        T = x.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool).triu(1)  # True = key after the query: not allowed
-        h = self.ln_1(x)
-        x = x + self.resid_dropout(self.attn(h, h, h, attn_mask=causal, need_weights=False)[0])
-        return x + self.mlp(self.ln_2(x))
-
-
-class TwinGPT(nn.Module):
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias=True):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(0.0),
-            h=nn.ModuleList(TwinBlock(n_embd, n_head, bias) for _ in range(n_layer)),
-            ln_f=nn.LayerNorm(n_embd, bias=bias),
-        ))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-
-    def forward(self, idx, targets=None):
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1])))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None if targets is None else nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
 
 
 def make_twins(bias=True):
@@ -77,7 +27,7 @@ def make_twins(bias=True):
                     m.bias.uniform_(-0.5, 0.5)
             if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
                 m.in_proj_bias.uniform_(-0.1, 0.1)
-    twin = TwinGPT(**CONFIG, bias=bias).double()
+    twin = reference.gpt(**CONFIG, bias=bias).double()
     twin.load_state_dict(model.state_dict(), strict=True)
     return model, twin
 

@@ -1,40 +1,21 @@
 """fastdl.models.mobilenet_v2 against torchvision's and mobilenet_v1 against a twin of torch.nn
-modules, one state_dict in both, in float64."""
+modules, both from fastdl.reference.models, one state_dict in both, in float64."""
 import pytest
 import torch
 from torch import nn
 
 import fastdl
 from fastdl.models import mobilenet_v1, mobilenet_v2
+from fastdl.reference import models as reference
 from twin import check_inference, check_round_trip, check_step, twins
 
-torchvision = pytest.importorskip("torchvision")
+pytest.importorskip("torchvision")
 
 N, H, W = 2, 64, 64  # the last feature map is 2 x 2: batch statistics over 8 values
 
 
-class TorchMobileNetV1(nn.Module):
-    """MobileNetV1 of nn.Conv2d(groups=C), nn.BatchNorm2d and nn.ReLU, with fastdl's module names."""
-
-    def __init__(self, num_classes=1000, width_mult=1.0):
-        super().__init__()
-        widths = [int(c * width_mult) for c in (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024)]
-        strides = (2, 1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
-        features = [nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())]
-        for c_in, c_out, s in zip(widths, widths[1:], strides[1:]):
-            features.append(nn.Sequential(
-                nn.Conv2d(c_in, c_in, 3, s, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
-                nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()))
-        self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(0.001), nn.Linear(widths[-1], num_classes))
-
-    def forward(self, x):
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
-
-
-MODELS = {"mobilenet_v2": (mobilenet_v2, torchvision.models.mobilenet_v2),
-          "mobilenet_v1": (mobilenet_v1, TorchMobileNetV1)}
+MODELS = {"mobilenet_v2": (mobilenet_v2, reference.mobilenet_v2),
+          "mobilenet_v1": (mobilenet_v1, reference.mobilenet_v1)}
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -58,7 +39,7 @@ def test_matches_reference(name, layout):
 
 @pytest.mark.parametrize("width_mult", [0.35, 1.0, 1.4])
 def test_mobilenet_v2_state_dict_matches_torchvision(width_mult):
-    ours, ref = mobilenet_v2(width_mult=width_mult), torchvision.models.mobilenet_v2(width_mult=width_mult)
+    ours, ref = mobilenet_v2(width_mult=width_mult), reference.mobilenet_v2(width_mult=width_mult)
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
     ours.load_state_dict(ref.state_dict(), strict=True)
 

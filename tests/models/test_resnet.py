@@ -1,15 +1,17 @@
-"""fastdl.models.resnet18/34/50 against torchvision's, one state_dict in both, in float64."""
+"""fastdl.models.resnet18/34/50 against torchvision's (through fastdl.reference.models), one state_dict in
+both, in float64."""
 import pytest
 import torch
 
 from fastdl.models import resnet18, resnet34, resnet50
+from fastdl.reference import models as reference
 from twin import check_inference, check_round_trip, check_step, twins
 
-torchvision = pytest.importorskip("torchvision")
+pytest.importorskip("torchvision")
 
-MODELS = {"resnet18": (resnet18, torchvision.models.resnet18),
-          "resnet34": (resnet34, torchvision.models.resnet34),
-          "resnet50": (resnet50, torchvision.models.resnet50)}
+MODELS = {"resnet18": (resnet18, reference.resnet18),
+          "resnet34": (resnet34, reference.resnet34),
+          "resnet50": (resnet50, reference.resnet50)}
 # Small, yet layer4's batch statistics reduce over 2 x 2 x 2 values: with only two (a 32 x 32 input)
 # BN's output is +-1 whatever its input, and float64 rounding comes out amplified ~1e4 times.
 N, H, W = 2, 64, 64
@@ -41,7 +43,7 @@ def test_fuses_batch_norm_with_relu_and_residual():
 
 
 def test_zero_init_residual():
-    for make in (resnet18, torchvision.models.resnet18):
+    for make in (resnet18, reference.resnet18):
         m = make(zero_init_residual=True)
         assert torch.equal(m.layer2[1].bn2.weight, torch.zeros(128))
         assert torch.equal(m.layer2[1].bn1.weight, torch.ones(128))

@@ -1,151 +1,20 @@
-"""The six small models (mlp, cnn, rnn, lstm, transformer, attention) against twins built from torch.nn
-alone with identical state_dict keys: the twin loads the model's state_dict (strict), then outputs,
-every parameter gradient and the buffers after the step agree in float64, in training and eval mode.
-Plus short SGD runs (mlp, cnn) whose losses agree step by step."""
+"""The six small models (mlp, cnn, rnn, lstm, transformer, attention) against their twins in
+fastdl.reference.models, built from torch.nn alone with identical state_dict keys: the twin loads the
+model's state_dict (strict), then outputs, every parameter gradient and the buffers after the step
+agree in float64, in training and eval mode. Plus short SGD runs (mlp, cnn) whose losses agree step
+by step."""
 import math
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastdl import models
+from fastdl.reference import models as reference
 from fastdl.testing import assert_close
 
 VOCAB = 23
 MODES = ["train", "eval"]
-
-
-# ---- twins: torch.nn modules only, named as the models' submodules ----
-
-class TwinMLP(nn.Module):
-    def __init__(self, in_features, hidden=128, num_classes=10, dropout=0.2):
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.relu = nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.fc2(self.dropout(self.relu(self.fc1(self.flatten(x)))))
-
-
-class TwinConvBlock(nn.Module):
-    def __init__(self, cin, cout, batch_norm):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, bias=not batch_norm)
-        self.bn = nn.BatchNorm2d(cout) if batch_norm else None
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        x = self.conv(x)
-        return self.relu(self.bn(x) if self.bn is not None else x)
-
-
-class TwinCNN(nn.Module):
-    def __init__(self, image_size, batch_norm):
-        super().__init__()
-        self.block1 = TwinConvBlock(1, 32, batch_norm)
-        self.block2 = TwinConvBlock(32, 64, batch_norm)
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(64 * ((image_size - 4) // 2) ** 2, 128)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        return self.fc2(self.relu(self.fc1(self.flatten(self.pool(self.block2(self.block1(x)))))))
-
-
-class TwinRNN(nn.Module):
-    def __init__(self, embed_dim, hidden, num_layers, num_classes, dropout):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, embed_dim, padding_idx=0)
-        self.rnn = nn.RNN(embed_dim, hidden, num_layers, batch_first=True, dropout=dropout)
-        self.head = nn.Linear(hidden, num_classes)
-
-    def forward(self, tokens, lengths=None):
-        x = self.embed(tokens)
-        if lengths is not None:
-            x = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        return self.head(self.rnn(x)[1][-1])
-
-
-class TwinLSTM(nn.Module):
-    def __init__(self, features, hidden, num_layers, horizon, dropout):
-        super().__init__()
-        self.lstm = nn.LSTM(features, hidden, num_layers, batch_first=True, dropout=dropout)
-        self.head = nn.Linear(hidden, horizon * features)
-        self.horizon, self.features = horizon, features
-
-    def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1]).view(x.shape[0], self.horizon, self.features)
-
-
-class TwinTransformer(nn.Module):
-    def __init__(self, max_len, d_model, nhead, num_layers, dim_feedforward, activation, norm_first, num_classes):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
-        self.dropout = nn.Dropout(0.0)
-        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, 0.0, activation, batch_first=True,
-                                           norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model) if norm_first else None,
-                                             enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, num_classes)
-
-    def forward(self, tokens, padding_mask=None):
-        x = self.embed(tokens) + self.pos(torch.arange(tokens.shape[1]))
-        x = self.encoder(self.dropout(x), src_key_padding_mask=padding_mask)
-        if padding_mask is None:
-            return self.head(x.mean(1))
-        keep = ~padding_mask
-        return self.head(torch.stack([x[i, keep[i]].mean(0) for i in range(x.shape[0])]))
-
-
-class TwinDotPooling(nn.Module):
-    def __init__(self, d_model):
-        super().__init__()
-        self.query = nn.Parameter(torch.zeros(d_model))
-
-    def scores(self, h):
-        return (h * self.query).sum(-1) / math.sqrt(h.shape[-1])
-
-
-class TwinAdditivePooling(nn.Module):
-    def __init__(self, d_model, score_dim):
-        super().__init__()
-        self.proj = nn.Linear(d_model, score_dim)
-        self.v = nn.Linear(score_dim, 1, bias=False)
-
-    def scores(self, h):
-        return self.v(torch.tanh(self.proj(h)))[..., 0]
-
-
-class TwinAttention(nn.Module):
-    def __init__(self, max_len, d_model, nhead, pooling, score_dim, hard_k, num_classes):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
-        self.dropout = nn.Dropout(0.0)
-        self.attn = nn.MultiheadAttention(d_model, nhead, batch_first=True)
-        self.norm = nn.LayerNorm(d_model)
-        self.pool = TwinDotPooling(d_model) if pooling == "dot" else TwinAdditivePooling(d_model, score_dim)
-        self.head = nn.Linear(d_model, num_classes)
-        self.hard_k = hard_k
-
-    def forward(self, tokens, padding_mask=None):
-        x = self.dropout(self.embed(tokens) + self.pos(torch.arange(tokens.shape[1])))
-        h = self.norm(x + self.attn(x, x, x, key_padding_mask=padding_mask, need_weights=False)[0])
-        scores = self.pool.scores(h)
-        if padding_mask is not None:
-            scores = scores.masked_fill(padding_mask, -math.inf)
-        if self.hard_k is not None:  # drop all but the k best (by value, not through autograd)
-            kth = scores.detach().sort(dim=1, descending=True).values[:, min(self.hard_k, scores.shape[1]) - 1]
-            scores = scores.masked_fill(scores.detach() < kth[:, None], -math.inf)
-        pooled = (torch.softmax(scores, dim=1).unsqueeze(-1) * h).sum(1)
-        return self.head(pooled)
 
 
 # ---- the comparison ----
@@ -202,7 +71,7 @@ def test_mlp(in_features, mode):
     torch.manual_seed(0)
     model = models.mlp(in_features=in_features)
     side = int(math.isqrt(in_features))
-    check_twins(model, TwinMLP(in_features), [torch.randn(5, 1, side, side)], mode, n=5 * in_features)
+    check_twins(model, reference.mlp(in_features=in_features), [torch.randn(5, 1, side, side)], mode, n=5 * in_features)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -212,27 +81,29 @@ def test_cnn(batch_norm, image_size, mode):
     torch.manual_seed(0)
     model = models.cnn(batch_norm=batch_norm, image_size=image_size)
     x = torch.randn(3, 1, image_size, image_size)
-    check_twins(model, TwinCNN(image_size, batch_norm), [x], mode, n=3 * image_size ** 2)
+    check_twins(model, reference.cnn(batch_norm=batch_norm, image_size=image_size), [x], mode, n=3 * image_size ** 2)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lengths", [None, [5, 7, 2, 7, 1]], ids=["full", "packed"])
 def test_rnn(lengths, mode):
     torch.manual_seed(0)
-    model = models.rnn(VOCAB, embed_dim=6, hidden=9, num_layers=2, num_classes=3, dropout=0.3)
+    config = dict(embed_dim=6, hidden=9, num_layers=2, num_classes=3, dropout=0.3)
+    model = models.rnn(VOCAB, **config)
     tokens = tokens_of(lengths or [7] * 5, 7)
     inputs = [tokens] if lengths is None else [tokens, torch.tensor(lengths)]
-    check_twins(model, TwinRNN(6, 9, 2, 3, 0.3), inputs, mode, n=35)
+    check_twins(model, reference.rnn(VOCAB, **config), inputs, mode, n=35)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_layers,features,horizon", [(1, 1, 1), (2, 3, 4)])
 def test_lstm(num_layers, features, horizon, mode):
     torch.manual_seed(0)
-    model = models.lstm(features=features, hidden=11, num_layers=num_layers, horizon=horizon,
-                         dropout=0.25 if num_layers > 1 else 0.0)
+    config = dict(features=features, hidden=11, num_layers=num_layers, horizon=horizon,
+                  dropout=0.25 if num_layers > 1 else 0.0)
+    model = models.lstm(**config)
     x = torch.randn(4, 9, features)
-    check_twins(model, TwinLSTM(features, 11, num_layers, horizon, 0.25 if num_layers > 1 else 0.0), [x], mode, n=36)
+    check_twins(model, reference.lstm(**config), [x], mode, n=36)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -242,12 +113,12 @@ def test_transformer(lengths, norm_first, activation, mode):
     """Dropout 0: FusedAttention's dropout masks come from fastdl's own generator."""
     torch.manual_seed(0)
     config = dict(max_len=8, d_model=12, nhead=3, num_layers=2, dim_feedforward=20, activation=activation,
-                  norm_first=norm_first, num_classes=3)
-    model = models.transformer(VOCAB, dropout=0.0, **config)
+                  norm_first=norm_first, num_classes=3, dropout=0.0)
+    model = models.transformer(VOCAB, **config)
     assert any(k.startswith("encoder.layers.1.self_attn.") for k in model.state_dict())
     tokens = tokens_of(lengths or [6] * 4, 6)
     inputs = [tokens] if lengths is None else [tokens, lengths_mask(lengths, 6)]
-    check_twins(model, TwinTransformer(**config), inputs, mode, n=24)
+    check_twins(model, reference.transformer(VOCAB, **config), inputs, mode, n=24)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -256,11 +127,11 @@ def test_transformer(lengths, norm_first, activation, mode):
 @pytest.mark.parametrize("lengths", [None, [6, 2, 4, 5]], ids=["full", "padded"])
 def test_attention(lengths, pooling, hard_k, mode):
     torch.manual_seed(0)
-    config = dict(max_len=8, d_model=12, nhead=2, score_dim=7, num_classes=3)
-    model = models.attention(VOCAB, pooling=pooling, hard_k=hard_k, dropout=0.0, **config)
+    config = dict(max_len=8, d_model=12, nhead=2, score_dim=7, num_classes=3, dropout=0.0)
+    model = models.attention(VOCAB, pooling=pooling, hard_k=hard_k, **config)
     tokens = tokens_of(lengths or [6] * 4, 6)
     inputs = [tokens] if lengths is None else [tokens, lengths_mask(lengths, 6)]
-    check_twins(model, TwinAttention(pooling=pooling, hard_k=hard_k, **config), inputs, mode, n=24)
+    check_twins(model, reference.attention(VOCAB, pooling=pooling, hard_k=hard_k, **config), inputs, mode, n=24)
 
 
 def test_hard_attention_keeps_k():
@@ -285,9 +156,10 @@ def test_training_run(name):
     synthetic digits: the losses agree at every step, and so do the parameters and buffers at the end."""
     torch.manual_seed(0)
     if name == "mlp":
-        model, twin = models.mlp(in_features=64), TwinMLP(64)
+        model, twin = models.mlp(in_features=64), reference.mlp(in_features=64)
     else:
-        model, twin = models.cnn(batch_norm=name == "cnn-bn", image_size=8), TwinCNN(8, name == "cnn-bn")
+        config = dict(batch_norm=name == "cnn-bn", image_size=8)
+        model, twin = models.cnn(**config), reference.cnn(**config)
     model, twin = model.double(), twin.double()
     twin.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(3)

@@ -104,9 +104,11 @@ inline T act_forward(T z, T slope) {
   return z;
 }
 
+// The condition under which act'(z) is 1. Relu6's two comparisons are joined with `&`, not `&&`:
+// the short circuit is a branch, which kept the loop from vectorizing (14x slower on random data).
 template <Act A, typename T>
-inline bool act_mask(T z) {  // the condition under which act'(z) is 1
-  if constexpr (A == Act::Relu6) return z > T(0) && z < T(6);
+inline bool act_mask(T z) {
+  if constexpr (A == Act::Relu6) return (z > T(0)) & (z < T(6));
   return z > T(0);
 }
 

@@ -5,16 +5,20 @@
 
 Two passes, weights preserved (the new modules share the converted model's parameters and
 buffers, so with inplace=False the original is deep-copied first):
-1. Fusion, where torch.fx can trace the model: a BatchNorm2d whose only use feeds an activation
+1. Fusion, module by module (children before parents). torch.fx traces one module's forward with
+   its children as leaves; in that graph a BatchNorm2d child whose only use feeds an activation
    (ReLU, ReLU6, LeakyReLU; module, function or method), or an add whose result feeds one, becomes
-   one FusedBatchNorm2d computing act(BN(x) + residual). The result is a torch.fx.GraphModule with
-   the same module names (state_dict keys) as the original. When tracing fails, the model keeps its
-   own class and forward, and the report says why.
+   one FusedBatchNorm2d computing act(BN(x) + residual), and the module's forward becomes the
+   rewritten graph's. Every module keeps its class, attributes and other methods (a DDPM still
+   samples, a GPT still generates) and its state_dict keys. A module whose forward torch.fx cannot
+   trace (data-dependent control flow, ...) is left as it is, and the report says why when it has
+   a BatchNorm2d child.
 2. Swaps, by module type: MultiheadAttention, TransformerEncoderLayer, LSTM / GRU / RNN and their
    cells, depthwise Conv2d (groups == in_channels) and any remaining BatchNorm2d.
 """
 import copy
 import operator
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -31,19 +35,19 @@ _FASTDL_MODULES = (DepthwiseConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU, 
 @dataclass
 class Report:
     """What convert changed: swapped modules (name, from, to), fused patterns (name, pattern),
-    modules left alone (name, why), and why the model could not be traced, if it could not."""
+    modules left alone (name, why), and the modules with a BatchNorm2d child whose forward could
+    not be traced (name, error): nothing in them was fused."""
     swapped: list = field(default_factory=list)
     fused: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
-    trace_error: str = None
+    untraced: list = field(default_factory=list)
 
     def __str__(self):
         lines = [f"fastdl.convert: {len(self.swapped)} modules swapped, {len(self.fused)} patterns fused"]
         lines += [f"  swapped {name}: {a} -> {b}" for name, a, b in self.swapped]
         lines += [f"  fused   {name}: {pattern}" for name, pattern in self.fused]
         lines += [f"  kept    {name}: {why}" for name, why in self.skipped]
-        if self.trace_error:
-            lines.append(f"  not traced (no fusion): {self.trace_error}")
+        lines += [f"  not traced (no fusion in it) {name or '(the model)'}: {why}" for name, why in self.untraced]
         return "\n".join(lines)
 
 
@@ -86,11 +90,11 @@ def _swap_modules(module, report, prefix=""):
                 _swap_modules(child, report, qualified + ".")
 
 
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's default tracer, with fastdl's modules kept as leaves too."""
+class _ChildrenAsLeaves(torch.fx.Tracer):
+    """Traces one module's own forward: every submodule call is a leaf (a call_module node)."""
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, _FASTDL_MODULES) or super().is_leaf_module(m, qualname)
+        return qualname != ""
 
 
 def _activation_of(node, modules):
@@ -130,15 +134,10 @@ def _residual_of(add, bn_node):
     return other if isinstance(other, torch.fx.Node) and other is not bn_node else None
 
 
-def _fuse(model, report):
-    """The traced model with BN -> act and BN -> add -> act fused, or the model (trace_error set)."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # any Python the tracer cannot follow: data-dependent control flow, ...
-        report.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        return model
-    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
-    modules = dict(gm.named_modules())
+def _fuse_graph(gm, modules, report, prefix):
+    """Rewrites gm's graph, fusing each BN -> (add ->) act of modules (gm's submodules by name) into a
+    FusedBatchNorm2d set on gm; returns how many were fused."""
+    fused = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
             continue
@@ -148,10 +147,9 @@ def _fuse(model, report):
         act = _activation_of(act_node, modules) if act_node is not None else None
         if act is None or act_node.args[0] is not (user if residual is not None else node):
             continue
-        bn = modules[node.target]
         parent, _, leaf = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, leaf,
-                FusedBatchNorm2d.from_module(bn, activation=act[0], negative_slope=act[1]))
+        setattr(gm.get_submodule(parent), leaf,
+                FusedBatchNorm2d.from_module(modules[node.target], activation=act[0], negative_slope=act[1]))
         if residual is not None:  # the residual may be computed after the BN (a downsample branch)
             node.args = (node.args[0], residual)
             user.prepend(node)
@@ -159,23 +157,54 @@ def _fuse(model, report):
         gm.graph.erase_node(act_node)
         if residual is not None:
             gm.graph.erase_node(user)
-        report.fused.append((node.target, f"BatchNorm2d{' -> add' if residual is not None else ''} -> {act[0]}"))
+        report.fused.append((prefix + node.target, f"BatchNorm2d{' -> add' if residual is not None else ''} -> {act[0]}"))
+        fused += 1
+    return fused
+
+
+def _fuse(module, report, prefix=""):
+    """Fuses inside module's children (depth first), then in module's own forward: when torch.fx
+    traces it and a pattern is found, the rewritten graph becomes this instance's forward (the
+    modules it calls are module's own, so its class, attributes and methods stay)."""
+    for name, child in module.named_children():
+        if not isinstance(child, _FASTDL_MODULES):
+            _fuse(child, report, f"{prefix}{name}.")
+    modules = dict(module.named_modules())
+    if not any(type(m) is nn.BatchNorm2d for m in modules.values()):
+        return
+    try:
+        graph = _ChildrenAsLeaves().trace(module)
+    except Exception as e:  # any Python the tracer cannot follow: data-dependent control flow, ...
+        if any(type(c) is nn.BatchNorm2d for c in module.children()):
+            report.untraced.append((prefix[:-1], f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+        return
+    gm = torch.fx.GraphModule(module, graph)
+    if not _fuse_graph(gm, modules, report, prefix):
+        return
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    for node in gm.graph.nodes:  # the new FusedBatchNorm2d modules, set on module itself
+        if node.op == "call_module":
+            parent, _, leaf = node.target.rpartition(".")
+            new = gm.get_submodule(node.target)
+            if new is not module.get_submodule(node.target):
+                setattr(module.get_submodule(parent), leaf, new)
+        elif node.op == "get_attr" and not hasattr(module, node.target):  # constants made by the tracer
+            setattr(module, node.target, getattr(gm, node.target))
+    module.forward = types.MethodType(type(gm).forward, module)
 
 
 def convert(model: nn.Module, inplace: bool = False, *, fuse: bool = True, report: bool = False):
-    """The model with torch.nn modules swapped for fastdl's and, where torch.fx can trace it (and
-    fuse=True), BN -> ReLU and BN -> add -> ReLU fused into FusedBatchNorm2d. inplace=False works on
-    a deep copy. Returns the model, or (model, Report) with report=True."""
+    """The model with torch.nn modules swapped for fastdl's and (fuse=True) BN -> ReLU and
+    BN -> add -> ReLU fused into FusedBatchNorm2d in every module whose forward torch.fx can trace.
+    The model keeps its class; inplace=False works on a deep copy. Returns the model, or
+    (model, Report) with report=True."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     rep = Report()
     if not inplace:
         model = copy.deepcopy(model)
     if fuse:
-        model = _fuse(model, rep)
+        _fuse(model, rep)
     _swap_modules(model, rep)
     return (model, rep) if report else model

@@ -10,3 +10,14 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def autocast_dtype(device_type: str):
+    """The dtype torch.autocast runs lower-precision ops in on device_type (as it runs nn.Conv2d,
+    nn.LSTM), or None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_all(dtype, *tensors):
+    """tensors (None kept) in dtype; unchanged when dtype is None."""
+    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)

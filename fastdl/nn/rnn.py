@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from fastdl._tensor import autocast_dtype, cast_all
 from fastdl.nn._share import share_parameters
 from fastdl.ops import rnn as _rnn
 
@@ -194,8 +195,11 @@ class _FusedCellBase:
                 _check_state(name, t, shape, x)
             states = [t if batched else t.unsqueeze(0) for t in states]
             h0, c0 = states[0], states[1] if lstm else None
-        gates_x = _rnn.project(x, self.weight_ih, self.bias_ih).unsqueeze(0)
-        _, h, c = _rnn.scan(gates_x, None, h0, c0 if lstm else None, self.weight_hh, self.bias_hh, mode, False)
+        low = autocast_dtype(x.device.type) if _rnn.autocast_runs_low(mode, x.device.type, cell=True) else None
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = cast_all(low, x, h0, c0 if lstm else None, self.weight_ih,
+                                                     self.weight_hh, self.bias_ih, self.bias_hh)
+        gates_x = _rnn.project(x, w_ih, b_ih).unsqueeze(0)
+        _, h, c = _rnn.scan(gates_x, None, h0, c0, w_hh, b_hh, mode, False)
         return (h, c) if batched else (h.squeeze(0), None if c is None else c.squeeze(0))
 
 

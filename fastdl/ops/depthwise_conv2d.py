@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as tF
 
 from fastdl import _backends, _extension
-from fastdl._tensor import memory_format_of
+from fastdl._tensor import autocast_dtype, cast_all, memory_format_of
 from fastdl.reference import depthwise_conv2d as reference
 
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -86,8 +86,10 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, scal
     x: (N, C, H, W); weight: (C * multiplier, 1, KH, KW); bias, scale, shift: (C * multiplier,) or
     None; padding: int, pair, 'same' or 'valid'. Returns (N, C * multiplier, OH, OW) in x's memory
     format. Differentiable in x, weight and bias; with scale / shift / an activation and a gradient
-    to take, the epilogue runs as separate differentiable PyTorch ops after the kernel.
+    to take, the epilogue runs as separate differentiable PyTorch ops after the kernel. Under
+    torch.autocast it runs in autocast's lower-precision dtype, as nn.Conv2d does.
     """
+    x, weight, bias, scale, shift = cast_all(autocast_dtype(x.device.type), x, weight, bias, scale, shift)
     check_args(x, weight, bias, scale, shift, activation)
     stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
     padding, extra = resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as tF
 
 from fastdl import _backends, _extension
+from fastdl._tensor import autocast_dtype, cast_all
 from fastdl.reference import rnn as reference
 
 MODES = tuple(reference.GATES)
@@ -77,6 +78,17 @@ def project(x, w_ih, b_ih):
     return _OneDnnLinear.apply(flat, w_ih, b_ih).view(*x.shape[:-1], w_ih.shape[0])
 
 
+def autocast_runs_low(mode, device_type, cell):
+    """Whether torch.autocast gives nn's layer (cell=False) or cell of this mode a lower-precision
+    output on device_type, so that fastdl's runs in that dtype too: on CUDA all of them (cuDNN's RNN
+    and the *_cell ops are on autocast's list). On the CPU, the LSTM layer (mkldnn_rnn_layer) and
+    Elman's layer and cell (their linear ops) do; the GRU layer and the LSTM and GRU cells return
+    float32. The tests compare these dtypes with nn's."""
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and (mode.startswith("rnn_") or (mode == "lstm" and not cell))
+
+
 def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropout, training):
     """A stack of layers, as nn.LSTM / nn.GRU / nn.RNN compute it: (output, h_n, c_n or None).
 
@@ -84,7 +96,12 @@ def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropou
     weights: per layer and direction (D = 2 when bidirectional), (w_ih, w_hh, b_ih, b_hh), the
     biases None without bias. Dropout of probability `dropout` applies to every layer's output but
     the last, in training. output: (T, N, D*H) or packed (S, D*H); h_n, c_n: (num_layers * D, N, H).
+    Under torch.autocast it runs in autocast's lower-precision dtype where nn's layer does (see
+    autocast_runs_low).
     """
+    dtype = autocast_dtype(x.device.type) if autocast_runs_low(mode, x.device.type, cell=False) else None
+    x, hx, cx = cast_all(dtype, x, hx, cx)
+    weights = [cast_all(dtype, *w) for w in weights]
     D = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):

@@ -2,6 +2,7 @@
 final states and every gradient (input, initial states, all weights and biases), in float64 and
 float32 against nn's float64 result; packed sequences, unbatched inputs, dropout, state_dicts,
 torch.compile and the error messages."""
+import copy
 import pytest
 import torch
 from torch import nn
@@ -336,3 +337,25 @@ def test_cuda_layer_matches_nn(kind, config, dtype):
     for k, (a, t, e) in enumerate(zip(got + list(got_grads), theirs + list(theirs_grads), want + list(want_grads))):
         ours_err, torch_err = (a.double() - e).abs().max().item(), (t.double() - e).abs().max().item()
         assert ours_err <= 2 * torch_err + 1e-3, f"#{k}: error {ours_err:.3g}, PyTorch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
+def test_cpu_autocast_follows_nn(kind):
+    """Under torch.autocast("cpu", bfloat16) the output has nn's dtype (bf16 where nn's is, float32
+    where nn keeps it), is within twice nn's own error of nn's float32 result (plus 1e-3), and the
+    float32 parameters get float32 gradients."""
+    ref_cls, ours_cls, kw = {**LAYERS, **CELLS}[kind]
+    torch.manual_seed(0)
+    ref = ref_cls(8, 16, **kw)
+    ours = ours_cls.from_module(copy.deepcopy(ref))
+    x = torch.randn(5, 3, 8) if kind in LAYERS else torch.randn(3, 8)
+    want = ref(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, got = ref(x), ours(x)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # the output (layers), h (LSTMCell)
+    want, theirs, got = first(want), first(theirs), first(got)
+    assert got.dtype == theirs.dtype, f"{kind}: {got.dtype}, nn's {theirs.dtype}"
+    ours_err, torch_err = (got.double() - want).abs().max().item(), (theirs.double() - want).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-3, f"error {ours_err:.3g}, PyTorch's {torch_err:.3g}"
+    got.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())

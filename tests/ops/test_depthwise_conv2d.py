@@ -29,6 +29,9 @@ CASES = [
     (2, 3, 7, 7, 1, (2, 4), 1, "same", 1, True),
     (2, 3, 13, 7, 1, (3, 5), (2, 1), (0, 2), (1, 2), True),
     (1, 3, 5, 5, 1, 3, 1, 4, 1, True),  # padding beyond the kernel's reach
+    # wide: full register blocks of channels, then narrower constant-width ones, then a ragged rest
+    (1, 61, 9, 9, 1, 3, 1, 1, 1, True),
+    (1, 19, 8, 8, 2, 3, 2, 1, 1, False),
 ]
 
 
@@ -308,3 +311,22 @@ def test_cuda_matches_conv2d(case, layout, dtype):
     for name, a, t, e in zip(names, got, theirs, ref):
         ours, torch_own = max_error(a, e.cuda()), max_error(t, e.cuda())
         assert ours <= 2 * torch_own + TOLERANCES[dtype][0], f"{name}: error {ours:.3g}, PyTorch's {torch_own:.3g}"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_autocast_follows_conv2d(layout):
+    """Under torch.autocast("cpu", bfloat16), like nn.Conv2d: a bfloat16 output within twice nn's
+    own error of nn's float32 result (plus 1e-2), and float32 gradients for the float32 parameters."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+    ours = fastdl.DepthwiseConv2d.from_module(ref)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=fmt)
+    want = ref(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs, got = ref(x), ours(x)
+    assert got.dtype == theirs.dtype == torch.bfloat16
+    ours_err, torch_err = (got.double() - want).abs().max().item(), (theirs.double() - want).abs().max().item()
+    assert ours_err <= 2 * torch_err + 1e-2, f"error {ours_err:.3g}, PyTorch's {torch_err:.3g}"
+    got.float().sum().backward()
+    assert ours.weight.grad.dtype == ours.bias.grad.dtype == torch.float32

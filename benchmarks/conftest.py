@@ -5,7 +5,10 @@ shape, dtype, mode, pass, bytes: the traffic its GB/s are counted from, or flops
 TFLOP/s are counted from) and `impl` ("fastdl", "eager", "compile", or another baseline's name),
 and calling `measure(step, case, impl)`. pytest-benchmark times the step and
 prints its table, grouped by case; on CUDA the step synchronizes, and the number kept is
-triton.testing.do_bench's median (CUDA events, L2 flushed between calls). At the end of the session
+triton.testing.do_bench's median (CUDA events, L2 flushed between calls). One more call, outside the
+timing, measures the step's peak memory: the most bytes it has allocated at once beyond what was
+allocated before it (on CUDA from the caching allocator's counters, on CPU from torch.profiler's
+record of every allocation and free). At the end of the session
 the medians of the impls of each case are set side by side and written, with the conditions of the
 run (device, versions, commit, date, threads), to one JSON file.
 
@@ -30,7 +33,7 @@ IMPLS = ("fastdl", "eager", "compile")
 
 @dataclass
 class Run:
-    """What a session measured: per (op, case name), the case and a median (on CUDA, peak memory) per impl."""
+    """What a session measured: per (op, case name), the case, a median and the peak memory per impl."""
     records: dict = field(default_factory=dict)
     out: dict = None  # the JSON written at the end of the session, and where
     path: Path = None
@@ -77,13 +80,39 @@ def synchronized(fn, device):
 
 
 def peak_memory(fn, device):
-    """Bytes allocated on a CUDA device by one call of fn beyond what was allocated before it."""
+    """Bytes allocated on the device by one call of fn beyond what was allocated before it."""
+    if device.type != "cuda":
+        return cpu_peak_memory(fn)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def cpu_peak_memory(fn):
+    """Bytes allocated on the CPU by one call of fn beyond what was allocated before it: the highest
+    running sum, in time order, of the allocations (+bytes) and frees (-bytes) that torch.profiler
+    (profile_memory=True) records during the call. fn runs twice under the profiler and the second
+    call is the one counted, so that what it frees of the first call's allocations (a training
+    step's gradients, set to None and allocated again) is known to the profiler and subtracted,
+    as the CUDA counters do (the free of a block allocated before profiling began is not recorded)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+        with record_function("cpu_peak_memory"):
+            fn()
+    events = prof.profiler.kineto_results.events()  # signed sizes, which prof.events() drops inside ops
+    [mark] = [e for e in events if e.name() == "cpu_peak_memory"]
+    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+                     and mark.start_ns() <= e.start_ns() <= mark.end_ns()), key=lambda e: e.start_ns())
+    peak = total = 0
+    for e in memory:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
 
 
 @pytest.fixture
@@ -104,9 +133,9 @@ def measure(benchmark, pytestconfig, device):
             import triton.testing
 
             record["seconds"][impl] = triton.testing.do_bench(step, return_mode="median") / 1e3
-            record["peak_bytes"][impl] = peak_memory(step, device)
         else:
             record["seconds"][impl] = benchmark.stats.stats.median
+        record["peak_bytes"][impl] = peak_memory(step, device)
     return run
 
 
@@ -121,19 +150,19 @@ def copy_bandwidth(device):
 
 
 def summarize(record, copy_bps):
-    """One JSON row: the case, its medians, each baseline's time over fastdl's (fastdl / eager /
-    compile first, then any other baselines the benchmark measured, e.g. SDPA's backends), and on
-    CUDA GB/s; TFLOP/s when the case counts its flops."""
+    """One JSON row: the case, its medians and peak memory, each baseline's time over fastdl's
+    (fastdl / eager / compile first, then any other baselines the benchmark measured, e.g. SDPA's
+    backends), and on CUDA GB/s; TFLOP/s when the case counts its flops."""
     case, sec = record["case"], record["seconds"]
     fast = sec.get("fastdl")
     impls = list(IMPLS) + sorted(set(sec) - set(IMPLS))
-    row = dict(case, median_s={impl: sec.get(impl) for impl in impls})
+    row = dict(case, median_s={impl: sec.get(impl) for impl in impls},
+               peak_bytes={impl: record["peak_bytes"].get(impl) for impl in impls})
     for impl in impls[1:]:
         row[f"{impl}_over_fastdl"] = sec[impl] / fast if fast and sec.get(impl) else None
     if case.get("flops"):
         row["tflops"] = {impl: case["flops"] / t / 1e12 for impl, t in sec.items() if t}
     if copy_bps is not None:
-        row["peak_mem_bytes"] = {impl: record["peak_bytes"].get(impl) for impl in impls}
         row["fastdl_gbps"] = case["bytes"] / fast / 1e9 if fast and case.get("bytes") else None
         row["fastdl_fraction_of_copy"] = case["bytes"] / fast / copy_bps if fast and case.get("bytes") else None
     return row
@@ -197,20 +226,28 @@ def _x(ratio):
     return f"{ratio:7.2f}x" if ratio else f"{'-':>8}"
 
 
+def _mib(peaks):
+    """fastdl/eager/compile peak memory in MiB, e.g. '12.5/14/14'."""
+    return "/".join(f"{peaks[impl] / 2**20:.3g}" if peaks.get(impl) is not None else "-" for impl in IMPLS)
+
+
 def pytest_terminal_summary(terminalreporter, config):
-    """A table of medians and speed-ups (eager / fastdl, compile / fastdl), and where the JSON went."""
+    """A table of medians, speed-ups (eager / fastdl, compile / fastdl) and peak memory, and where
+    the JSON went."""
     run = config.stash[RUN]
     if run.out is None:
         return
     out, tr = run.out, terminalreporter
     cuda = out["copy_gbps"] is not None
     tr.section(f"fastdl vs eager vs torch.compile on {out['device_name']} ({out['threads']} threads)")
-    head = f"{'case':44} {'fastdl ms':>9} {'eager ms':>9} {'compile':>9} {'eager/':>8} {'compile/':>8}"
+    width = max([44] + [len(row["name"]) for row in out["cases"]])
+    head = (f"{'case':{width}} {'fastdl ms':>9} {'eager ms':>9} {'compile':>9} {'eager/':>8} {'compile/':>8} "
+            f"{'peak MiB f/e/c':>17}")
     tr.write_line(head + (f" {'GB/s':>7} {'of copy':>7}" if cuda else ""))
     for row in out["cases"]:
         m = row["median_s"]
-        line = (f"{row['name']:44} {_ms(m['fastdl'])} {_ms(m['eager'])} {_ms(m['compile'])} "
-                f"{_x(row['eager_over_fastdl'])} {_x(row['compile_over_fastdl'])}")
+        line = (f"{row['name']:{width}} {_ms(m['fastdl'])} {_ms(m['eager'])} {_ms(m['compile'])} "
+                f"{_x(row['eager_over_fastdl'])} {_x(row['compile_over_fastdl'])} {_mib(row['peak_bytes']):>17}")
         if cuda and row["fastdl_gbps"]:
             line += f" {row['fastdl_gbps']:7.0f} {row['fastdl_fraction_of_copy']:7.0%}"
         tr.write_line(line)

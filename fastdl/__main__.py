@@ -58,7 +58,7 @@ def main(argv=None):
     p = sub.add_parser("info", help="versions, devices, and which backend each op uses, and why")
     p.add_argument("--json", action="store_true", help="print fastdl.info() as JSON")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("check", help="every op against its PyTorch reference on this machine")
+    p = sub.add_parser("check", help="every op and every model against its PyTorch reference on this machine")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
     p.set_defaults(func=cmd_check)
     args = parser.parse_args(argv)

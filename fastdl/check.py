@@ -1,4 +1,5 @@
-"""`fastdl check`: every op against its float64 PyTorch reference on this machine, as table rows."""
+"""`fastdl check`: every op and every model against its float64 PyTorch reference on this machine, as
+table rows (the models' in fastdl/check_models.py)."""
 import itertools
 
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as tF
 
 from fastdl import _backends
 from fastdl import functional as F
+from fastdl.check_models import check_models
 from fastdl.nn import FusedAttention, FusedBatchNorm2d
 from fastdl.testing import check_close
 
@@ -166,7 +168,7 @@ def check_rnn(device):
 
 
 CHECKS = {"attention": check_attention, "batch_norm_act": check_batch_norm_act,
-          "depthwise_conv2d": check_depthwise_conv2d, "rnn": check_rnn}
+          "depthwise_conv2d": check_depthwise_conv2d, "rnn": check_rnn, "models": check_models}
 
 
 def run(device):

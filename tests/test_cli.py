@@ -38,3 +38,30 @@ def test_bad_arguments_exit_2():
     with pytest.raises(SystemExit) as e:
         main(["bogus"])
     assert e.value.code == 2
+
+
+def test_check_covers_every_model_and_catches_a_difference(monkeypatch):
+    """fastdl check has an output row and a gradient row for every model of fastdl.models, all
+    passing; a fastdl model that differs from its reference by 1e-9 fails both its rows."""
+    from fastdl import check_models, models
+
+    rows = list(check_models.check_models("cpu"))
+    assert {case for _, case, *_ in rows} == set(check_models.MODELS) | set(check_models.TORCHVISION)
+    assert all(ok for *_, ok, _ in rows) and len(rows) == 2 * len({case for _, case, *_ in rows})
+
+    class Nudged(torch.nn.Module):  # the cnn, its output scaled by 1 + 1e-9
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x) * (1 + 1e-9)
+
+        def load_state_dict(self, state):
+            return self.model.load_state_dict(state)
+
+    make = models.cnn
+    monkeypatch.setattr(models, "cnn", lambda **kw: Nudged(make(**kw)))
+    monkeypatch.setattr(check_models, "TORCHVISION", {})
+    rows = [r for r in check_models.check_models("cpu") if r[1] == "cnn"]
+    assert [ok for *_, ok, _ in rows] == [False, False]

@@ -1,4 +1,4 @@
-"""The fastdl command line: `fastdl info`, `fastdl check` (also `python -m fastdl ...`)."""
+"""The fastdl command line: `fastdl info`, `fastdl check`, `fastdl train` (also `python -m fastdl ...`)."""
 import argparse
 import json
 import sys
@@ -52,6 +52,25 @@ def cmd_check(args):
     return 1 if failed else 0
 
 
+def cmd_train(args):
+    from fastdl import train
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastdl train: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    args.epochs = train.EPOCHS.get(args.model, 3) if args.epochs is None else args.epochs
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            print(f"fastdl train: {name}: expected a positive integer, got {value}", file=sys.stderr)
+            return 2
+    if args.lr is not None and not args.lr > 0:
+        print(f"fastdl train: --lr: expected a positive number, got {args.lr}", file=sys.stderr)
+        return 2
+    args.lr = args.lr or train.LEARNING_RATES.get(args.model, 1e-3)
+    train.train(args.model, args)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastdl", description="fastdl: fused kernels for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +80,18 @@ def main(argv=None):
     p = sub.add_parser("check", help="every op and every model against its PyTorch reference on this machine")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when visible, else cpu")
     p.set_defaults(func=cmd_check)
+    from fastdl.train import MODELS
+
+    p = sub.add_parser("train", help="train a model on data that needs no download, evaluate, save, sample")
+    p.add_argument("model", choices=MODELS)
+    p.add_argument("--epochs", type=int, help="default: 30 for lstm, 5 for the sequence models, gan and diffusion, else 3")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="default: 1e-3 (AdamW), 2e-4 for gan (Adam)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="torch.autocast in bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs", help="where the checkpoint and samples go (default: runs)")
+    p.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,5 @@
-"""Test setup: Triton through its interpreter without a GPU, NaN-poisoned outputs, the cuda marker."""
+"""Test setup: Triton through its interpreter without a GPU, NaN-poisoned outputs, the cuda marker,
+and the one_thread fixture."""
 import os
 
 import pytest
@@ -26,3 +27,13 @@ def poison_outputs():
     assert torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then back: training runs of small models are so small that a
+    second thread costs more than it gives (and on a loaded machine, far more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,7 +29,7 @@ from fastdl.testing import assert_close
 F64 = torch.float64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/models/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ---- helpers ----

@@ -1,0 +1,92 @@
+"""`fastdl train`: every model trains for one short epoch on its built-in data, evaluates, and saves
+a checkpoint that loads with weights_only=True into a fresh model; samples where the model makes
+them; bad arguments exit 2 with a message naming the argument."""
+import argparse
+
+import pytest
+import torch
+
+from fastdl import models, train
+from fastdl.__main__ import main
+
+
+def args(tmp_path, **kw):
+    base = dict(epochs=1, batch_size=256, lr=1e-3, device="cpu", amp=False, seed=0, out=str(tmp_path))
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["mlp", "cnn", "rnn", "transformer", "attention", "lstm", "gan", "diffusion"])
+def test_trains_evaluates_and_saves(name, tmp_path, monkeypatch):
+    small = {"diffusion": dict(timesteps=5, base_width=8), "gan": dict(gen_widths=(32, 16, 8), disc_widths=(8, 16))}
+    if name in small:  # quicker: narrower, and a DDPM chain of 5 steps to sample
+        make = getattr(models, name)
+        monkeypatch.setattr(train.models, name, lambda **kw: make(**{**kw, **small[name]}))
+    lines = []
+    path = train.train(name, args(tmp_path), print=lines.append)
+    state = torch.load(path, weights_only=True)
+    assert state["model"] == name and state["config"]
+    if name == "gan":
+        gen, disc = models.gan(**state["config"])
+        gen.load_state_dict(state["state_dict"]["generator"])
+        disc.load_state_dict(state["state_dict"]["discriminator"])
+        assert (tmp_path / "gan-samples.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    else:
+        assert any(": held-out" in line for line in lines), lines
+    if name == "diffusion":
+        assert (tmp_path / "diffusion-samples.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_gpt_samples_text(tmp_path, monkeypatch):
+    text = train.data.language_modeling()
+    monkeypatch.setattr(train.data, "language_modeling", lambda: tuple(t[:20000] for t in text))
+    lines = []
+    train.train("gpt", args(tmp_path, batch_size=64), print=lines.append)
+    assert any(line.startswith("gpt: val loss") for line in lines)
+    assert lines[-2] == "gpt: sample:" and lines[-1].startswith("def ")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_amp_trains_in_bfloat16(tmp_path, monkeypatch):
+    """--amp: the training steps run under torch.autocast(bfloat16) (bf16 logits), and it learns."""
+    seen, make = set(), models.mlp
+
+    def mlp(**kw):
+        model = make(**kw)
+        model.fc2.register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training else None)
+        return model
+    monkeypatch.setattr(train.models, "mlp", mlp)
+    lines = []
+    train.train("mlp", args(tmp_path, amp=True, epochs=3, batch_size=64), print=lines.append)
+    assert seen == {torch.bfloat16}
+    accuracy = float(next(line for line in lines if "held-out accuracy" in line).split()[3])
+    assert accuracy > 0.5, lines
+
+
+def test_png_grid_is_a_valid_png(tmp_path):
+    import zlib
+    path = train.write_png_grid(tmp_path / "g.png", torch.rand(5, 1, 4, 3))
+    raw = open(path, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    assert (width, height) == (3 * 3, 2 * 4)
+    idat = raw.index(b"IDAT")
+    body = zlib.decompress(raw[idat + 4:idat + 4 + int.from_bytes(raw[idat - 4:idat], "big")])
+    assert len(body) == height * (1 + width)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "mlp", "--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["train", "mlp", "--batch-size", "-3"], "--batch-size: expected a positive integer, got -3"),
+    (["train", "mlp", "--lr", "0"], "--lr: expected a positive number, got 0.0"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "alexnet"])
+    assert e.value.code == 2 and "invalid choice: 'alexnet'" in capsys.readouterr().err

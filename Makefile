@@ -22,6 +22,7 @@ test: build
 demo: build
 	$(BIN)/python -m fastdl info
 	$(BIN)/python -m fastdl check
+	$(BIN)/python -m fastdl train cnn --epochs 1 --out runs
 
 bench: build
 	$(BIN)/python -m pytest benchmarks --benchmark-enable

@@ -66,6 +66,10 @@ def cmd_train(args):
     if args.lr is not None and not args.lr > 0:
         print(f"fastdl train: --lr: expected a positive number, got {args.lr}", file=sys.stderr)
         return 2
+    if args.data is not None and args.model not in train.IMAGE_MODELS:
+        print(f"fastdl train: --data: only the image models read MNIST ({', '.join(train.IMAGE_MODELS)}), "
+              f"not {args.model}", file=sys.stderr)
+        return 2
     args.lr = args.lr or train.LEARNING_RATES.get(args.model, 1e-3)
     train.train(args.model, args)
     return 0
@@ -91,6 +95,8 @@ def main(argv=None):
     p.add_argument("--amp", action="store_true", help="torch.autocast in bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs", help="where the checkpoint and samples go (default: runs)")
+    p.add_argument("--data", metavar="PATH", help="a folder with MNIST's four IDX files (image models; "
+                                                  "default: scikit-learn's digits)")
     p.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,7 +1,7 @@
 """Real data for fastdl's models, with nothing downloaded.
 
 - images: scikit-learn's bundled 8x8 handwritten digits (`digits`), optionally resized and repeated
-  to 3 channels for the 28x28 / 32x32 models;
+  to 3 channels for the 28x28 / 32x32 models; or MNIST from IDX files the user points at (`mnist`);
 - text: the source code of a fixed list of pure-Python standard-library modules (`stdlib_text`),
   present on every CPython install, tokenized character by character (`encode` / `decode`), for
   next-token prediction (`language_modeling`, `next_token_batch`) and for sequence classification
@@ -12,7 +12,10 @@
 Every function is deterministic: two calls return equal tensors. The standard-library sources
 differ a little between Python versions, so the text tasks do too (not between calls).
 """
+import gzip
 import importlib.util
+import struct
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,37 @@ def digits(size=8, channels=1, dtype=torch.float32):
     x = x.repeat(1, channels, 1, 1)
     y = torch.tensor(data.target, dtype=torch.long)
     return x[:1500], y[:1500], x[1500:], y[1500:]
+
+
+def mnist(path, size=28, channels=1, dtype=torch.float32):
+    """MNIST (or Fashion-MNIST) from its four standard IDX files in the folder `path`
+    (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte,
+    each optionally .gz), which the user downloaded; nothing is fetched -> (x_train, y_train, x_test,
+    y_test) as digits() returns them: x (N, channels, size, size) in [0, 1], y (N,) int64."""
+    def read(stem, kind):
+        for name in (stem, stem + ".gz"):
+            f = Path(path) / name
+            if f.exists():
+                raw = gzip.decompress(f.read_bytes()) if name.endswith(".gz") else f.read_bytes()
+                break
+        else:
+            raise FileNotFoundError(f"data: expected {stem}[.gz] in {path}")
+        magic, n = struct.unpack(">II", raw[:8])
+        if magic != (0x803 if kind == "images" else 0x801):
+            raise ValueError(f"data: {f} is not an IDX {kind} file (magic {magic:#x})")
+        if kind == "labels":
+            return torch.frombuffer(bytearray(raw[8:8 + n]), dtype=torch.uint8).long()
+        rows, cols = struct.unpack(">II", raw[8:16])
+        pixels = torch.frombuffer(bytearray(raw[16:16 + n * rows * cols]), dtype=torch.uint8)
+        return pixels.view(n, 1, rows, cols).to(dtype) / 255
+
+    out = []
+    for split in ("train", "t10k"):
+        x = read(f"{split}-images-idx3-ubyte", "images")
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out += [x.repeat(1, channels, 1, 1), read(f"{split}-labels-idx1-ubyte", "labels")]
+    return tuple(out)
 
 
 # ---- text ----

@@ -3,7 +3,8 @@
 diffusion.
 
     model             data                                              evaluation
-    mlp, cnn          scikit-learn's digits, 8x8                        held-out accuracy
+    mlp, cnn          scikit-learn's digits, 8x8 (MNIST's 28x28 with    held-out accuracy
+                      --data: every image model reads MNIST then)
     resnet*,          digits at 32x32, 3 channels                       held-out accuracy (running
       mobilenet*                                                        statistics recomputed first)
     rnn, transformer, which of 3 standard-library modules a window of   held-out accuracy
@@ -34,6 +35,7 @@ from fastdl import data, models
 IMAGE_CLASSIFIERS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2")
 SEQUENCE_CLASSIFIERS = ("rnn", "transformer", "attention")
 MODELS = IMAGE_CLASSIFIERS + SEQUENCE_CLASSIFIERS + ("lstm", "gpt", "gan", "diffusion")
+IMAGE_MODELS = IMAGE_CLASSIFIERS + ("gan", "diffusion")
 LEARNING_RATES = {"gan": 2e-4}  # AdamW's (Adam's with betas (0.5, 0.999) for the GAN); 1e-3 otherwise
 EPOCHS = {"lstm": 30, "gpt": 5, "rnn": 5, "transformer": 5, "attention": 5, "gan": 5, "diffusion": 5}  # else 3
 
@@ -68,7 +70,9 @@ def _accuracy(model, x, y, x_train=None):
 def _classifier(name, args, inputs):
     x, y, x_test, y_test = inputs
     classes = int(y.max()) + 1
-    kwargs = dict(in_features=64) if name == "mlp" else dict(batch_norm=True, image_size=8) if name == "cnn" else {}
+    side = x.shape[-1]
+    kwargs = dict(in_features=side * side) if name == "mlp" else dict(batch_norm=True, image_size=side) \
+        if name == "cnn" else {}
     if name in SEQUENCE_CLASSIFIERS:
         model = getattr(models, name)(data.VOCAB_SIZE, num_classes=classes,
                                       **({} if name == "rnn" else dict(max_len=x.shape[1], dropout=0.0)))
@@ -118,7 +122,7 @@ def _gpt(args):
 
 
 def _gan(args):
-    x = data.digits(28)[0].to(args.device) * 2 - 1
+    x = images(args, 28)[0].to(args.device) * 2 - 1
     gen, disc = (m.to(args.device) for m in models.gan())
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
@@ -133,7 +137,7 @@ def _gan(args):
 
 
 def _diffusion(args):
-    x, _, x_test, _ = (t * 2 - 1 for t in data.digits(16))
+    x, _, x_test, _ = (t * 2 - 1 for t in images(args, 16))
     model = models.diffusion(image_size=16, base_width=32, timesteps=200).to(args.device)
     x, x_test = x.to(args.device), x_test.to(args.device)
 
@@ -150,11 +154,16 @@ def _diffusion(args):
     return Job((model,), _shuffled((x,), args.batch_size), lambda b: model.loss(b[0]), evaluate, sample)
 
 
+def images(args, size, channels=1):
+    """(x_train, y_train, x_test, y_test): MNIST from args.data's IDX files when given, else digits."""
+    return data.mnist(args.data, size, channels) if args.data else data.digits(size, channels)
+
+
 def build(name, args):
-    """The Job training model `name` (one of MODELS) as args (device, batch_size, lr) say."""
+    """The Job training model `name` (one of MODELS) as args (device, batch_size, lr, data) say."""
     if name in IMAGE_CLASSIFIERS:
-        size, channels = (8, 1) if name in ("mlp", "cnn") else (32, 3)
-        return _classifier(name, args, data.digits(size, channels))
+        size, channels = ((28 if args.data else 8), 1) if name in ("mlp", "cnn") else (32, 3)
+        return _classifier(name, args, images(args, size, channels))
     if name in SEQUENCE_CLASSIFIERS:
         return _classifier(name, args, data.source_classification(32))
     return {"lstm": _lstm, "gpt": _gpt, "gan": _gan, "diffusion": _diffusion}[name](args)

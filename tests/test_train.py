@@ -11,7 +11,7 @@ from fastdl.__main__ import main
 
 
 def args(tmp_path, **kw):
-    base = dict(epochs=1, batch_size=256, lr=1e-3, device="cpu", amp=False, seed=0, out=str(tmp_path))
+    base = dict(epochs=1, batch_size=256, lr=1e-3, device="cpu", amp=False, seed=0, out=str(tmp_path), data=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -90,3 +90,56 @@ def test_unknown_model_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "alexnet"])
     assert e.value.code == 2 and "invalid choice: 'alexnet'" in capsys.readouterr().err
+
+
+def write_idx(folder, n_train=200, n_test=40, gz=False):
+    """A folder in MNIST's IDX format: images whose mean brightness is their label / 10."""
+    import gzip
+    import struct
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        pixels = (labels.view(n, 1, 1).float() * 25 + torch.rand(n, 28, 28, generator=g) * 20).to(torch.uint8)
+        for stem, raw in ((f"{split}-images-idx3-ubyte", struct.pack(">IIII", 0x803, n, 28, 28) + pixels.numpy().tobytes()),
+                          (f"{split}-labels-idx1-ubyte", struct.pack(">II", 0x801, n) + labels.numpy().tobytes())):
+            (folder / (stem + (".gz" if gz else ""))).write_bytes(gzip.compress(raw) if gz else raw)
+    return folder
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_mnist_reads_idx_files(tmp_path, gz):
+    from fastdl import data
+
+    x, y, x_test, y_test = data.mnist(write_idx(tmp_path, gz=gz))
+    assert x.shape == (200, 1, 28, 28) and x_test.shape == (40, 1, 28, 28) and y.dtype == torch.int64
+    assert 0 <= x.min() and x.max() <= 1
+    assert torch.allclose(x.mean((1, 2, 3)), (y * 25 + 9.5) / 255, atol=0.01)  # the pixels' mean tracks the label
+    x32 = data.mnist(tmp_path, size=32, channels=3)[0]
+    assert x32.shape == (200, 3, 32, 32)
+
+
+def test_mnist_errors_name_the_file(tmp_path):
+    from fastdl import data
+
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        data.mnist(tmp_path)
+    write_idx(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes((tmp_path / "train-images-idx3-ubyte").read_bytes())
+    with pytest.raises(ValueError, match="not an IDX labels file"):
+        data.mnist(tmp_path)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_trains_on_mnist_files(tmp_path):
+    lines = []
+    train.train("cnn", args(tmp_path, data=str(write_idx(tmp_path)), epochs=3, batch_size=32), print=lines.append)
+    state = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert state["config"]["image_size"] == 28
+    accuracy = float(next(line for line in lines if "held-out accuracy" in line).split()[3])
+    assert accuracy > 0.5, lines
+
+
+def test_data_only_for_image_models(tmp_path, capsys):
+    assert main(["train", "gpt", "--data", str(tmp_path)]) == 2
+    assert "--data: only the image models read MNIST" in capsys.readouterr().err

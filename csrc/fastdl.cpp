@@ -40,6 +40,10 @@ TORCH_LIBRARY(fastdl, m) {
       "batch_norm_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, float eps, "
       "str activation, float slope, bool save_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The batch statistics alone: per-channel (mean, M2) of x (N, C, *) over all but dim 1, M2 the sum
+  // of squared deviations from the mean; fp32 (fp64 for fp64 x). Synchronized batch norm merges them
+  // across processes, then normalizes with batch_norm_act_forward(training=False).
+  m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is empty unless
   // residual_grad and activation != "none" (without an activation it equals grad_out).
   m.def(

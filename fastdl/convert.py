@@ -35,15 +35,18 @@ _FASTDL_MODULES = (DepthwiseConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU, 
 @dataclass
 class Report:
     """What convert changed: swapped modules (name, from, to), fused patterns (name, pattern),
-    modules left alone (name, why), and the modules with a BatchNorm2d child whose forward could
-    not be traced (name, error): nothing in them was fused."""
+    modules left alone (name, why), the modules with a BatchNorm2d child whose forward could
+    not be traced (name, error): nothing in them was fused, and (sync_bn=True) the names of the
+    FusedBatchNorm2d set to synchronize."""
     swapped: list = field(default_factory=list)
     fused: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     untraced: list = field(default_factory=list)
+    synchronized: list = field(default_factory=list)
 
     def __str__(self):
-        lines = [f"fastdl.convert: {len(self.swapped)} modules swapped, {len(self.fused)} patterns fused"]
+        lines = [f"fastdl.convert: {len(self.swapped)} modules swapped, {len(self.fused)} patterns fused"
+                 + (f", {len(self.synchronized)} batch norms synchronized" if self.synchronized else "")]
         lines += [f"  swapped {name}: {a} -> {b}" for name, a, b in self.swapped]
         lines += [f"  fused   {name}: {pattern}" for name, pattern in self.fused]
         lines += [f"  kept    {name}: {why}" for name, why in self.skipped]
@@ -73,6 +76,9 @@ def _swap_for(m):
         return DepthwiseConv2d.from_module(m), None
     if isinstance(m, nn.BatchNorm2d):
         return FusedBatchNorm2d.from_module(m), None
+    if isinstance(m, nn.SyncBatchNorm):
+        return None, ("nn.SyncBatchNorm (of inputs of any rank) is kept: convert the model's BatchNorm2d "
+                      "with sync_bn=True instead")
     return None, None
 
 
@@ -194,17 +200,30 @@ def _fuse(module, report, prefix=""):
     module.forward = types.MethodType(type(gm).forward, module)
 
 
-def convert(model: nn.Module, inplace: bool = False, *, fuse: bool = True, report: bool = False):
+def convert(model: nn.Module, inplace: bool = False, *, fuse: bool = True, report: bool = False,
+            sync_bn: bool = False, process_group=None):
     """The model with torch.nn modules swapped for fastdl's and (fuse=True) BN -> ReLU and
     BN -> add -> ReLU fused into FusedBatchNorm2d in every module whose forward torch.fx can trace.
-    The model keeps its class; inplace=False works on a deep copy. Returns the model, or
-    (model, Report) with report=True."""
+    sync_bn=True: every FusedBatchNorm2d then synchronizes its batch statistics across
+    process_group (default: torch.distributed's world; torch.distributed must be initialized), as
+    nn.SyncBatchNorm.convert_sync_batchnorm does. The model keeps its class; inplace=False works on a
+    deep copy. Returns the model, or (model, Report) with report=True."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if sync_bn and process_group is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("sync_bn=True: torch.distributed is not initialized; call "
+                               "torch.distributed.init_process_group first, or pass process_group")
+        process_group = torch.distributed.group.WORLD
     rep = Report()
     if not inplace:
         model = copy.deepcopy(model)
     if fuse:
         _fuse(model, rep)
     _swap_modules(model, rep)
+    if sync_bn:
+        for name, m in model.named_modules():
+            if isinstance(m, FusedBatchNorm2d):
+                m.process_group = process_group
+                rep.synchronized.append(name)
     return (model, rep) if report else model

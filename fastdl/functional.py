@@ -5,16 +5,19 @@ from fastdl.ops import depthwise_conv2d as _dw
 
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5, *, residual=None, activation=None, negative_slope=0.01):
+                   momentum=0.1, eps=1e-5, *, residual=None, activation=None, negative_slope=0.01,
+                   process_group=None):
     """act(F.batch_norm(input, ...) + residual) in one fused kernel.
 
     The arguments before `*` are those of torch.nn.functional.batch_norm, with the same meaning
     (running statistics updated in place when training). input: (N, C, *); residual: input's shape;
-    activation: None, "relu", "relu6" or "leaky_relu" (with `negative_slope`). Returns a tensor of
-    input's shape and memory format.
+    activation: None, "relu", "relu6" or "leaky_relu" (with `negative_slope`); process_group: a
+    torch.distributed group whose whole batch gives the statistics when training (every process
+    of the group must call it). Returns a tensor of input's shape and memory format.
     """
     return _bna.batch_norm_act(input, running_mean, running_var, weight, bias, residual, training,
-                               momentum, eps, "none" if activation is None else activation, negative_slope)
+                               momentum, eps, "none" if activation is None else activation, negative_slope,
+                               process_group)
 
 
 def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, *, scale=None, shift=None,

@@ -298,6 +298,15 @@ void batch_norm_act_forward_kernel(const ForwardParams<T>& p) {
 }
 
 template <typename T>
+void batch_norm_stats_kernel(const T* x, const Layout& l, T* mean, T* m2) {
+  const std::vector<Moments> mom = channel_moments(x, l);
+  for (int64_t c = 0; c < l.C; ++c) {
+    mean[c] = T(mom[c].mean);
+    m2[c] = T(mom[c].m2);
+  }
+}
+
+template <typename T>
 void batch_norm_act_backward_kernel(const BackwardParams<T>& p) {
   const Layout& l = p.layout;
   const int64_t C = l.C;
@@ -323,6 +332,8 @@ void batch_norm_act_backward_kernel(const BackwardParams<T>& p) {
 
 template void batch_norm_act_forward_kernel<float>(const ForwardParams<float>&);
 template void batch_norm_act_forward_kernel<double>(const ForwardParams<double>&);
+template void batch_norm_stats_kernel<float>(const float*, const Layout&, float*, float*);
+template void batch_norm_stats_kernel<double>(const double*, const Layout&, double*, double*);
 template void batch_norm_act_backward_kernel<float>(const BackwardParams<float>&);
 template void batch_norm_act_backward_kernel<double>(const BackwardParams<double>&);
 

@@ -50,6 +50,9 @@ struct BackwardParams {
 
 template <typename T>
 void batch_norm_act_forward_kernel(const ForwardParams<T>& p);
+// Per-channel mean and M2 (sum of squared deviations) of x: [C] each.
+template <typename T>
+void batch_norm_stats_kernel(const T* x, const Layout& layout, T* mean, T* m2);
 template <typename T>
 void batch_norm_act_backward_kernel(const BackwardParams<T>& p);
 

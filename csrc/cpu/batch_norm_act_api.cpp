@@ -85,6 +85,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x_in, const Opt
   return {y, mean, invstd, mask};
 }
 
+std::tuple<Tensor, Tensor> stats(const Tensor& x_in) {
+  check_x(x_in);
+  const Tensor x = x_in.contiguous(memory_format_of(x_in));
+  const Layout l = layout_of(x);
+  TORCH_CHECK_VALUE(l.N * l.HW > 0, "x: expected at least one value per channel, got input size ", x.sizes());
+  Tensor mean = at::empty({l.C}, x.options());
+  Tensor m2 = at::empty({l.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_stats", [&] {
+    batch_norm_stats_kernel(x.data_ptr<scalar_t>(), l, mean.data_ptr<scalar_t>(), m2.data_ptr<scalar_t>());
+  });
+  return {mean, m2};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, const Tensor& x_in,
                                                     const OptTensor& weight, const Tensor& mean,
                                                     const Tensor& invstd, const Tensor& mask_in, bool training,
@@ -127,6 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, c
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("batch_norm_act_forward", &forward);
   m.impl("batch_norm_act_backward", &backward);
+  m.impl("batch_norm_stats", &stats);
 }
 
 }  // namespace fastdl::cpu

@@ -9,27 +9,32 @@ class FusedBatchNorm2d(_BatchNorm):
     """Drop-in for nn.BatchNorm2d computing act(BN(x) + residual) in one pass.
 
     Same constructor, parameters, buffers and state_dict as nn.BatchNorm2d (including `bias=False`
-    where the installed torch has it), plus `activation` (None, "relu", "relu6", "leaky_relu") and
-    `negative_slope`. forward(x, residual=None): x (N, C, H, W), residual of x's shape; the output
-    keeps x's memory format.
+    where the installed torch has it), plus `activation` (None, "relu", "relu6", "leaky_relu"),
+    `negative_slope` and `process_group`: with a torch.distributed group (e.g.
+    torch.distributed.group.WORLD), training normalizes with the statistics of the whole group's
+    batch, as nn.SyncBatchNorm does, on CPU (gloo) too; one all_reduce forward and one backward.
+    forward(x, residual=None): x (N, C, H, W), residual of x's shape; the output keeps x's memory
+    format.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, activation=None, negative_slope=0.01):
+                 device=None, dtype=None, *, bias=True, activation=None, negative_slope=0.01,
+                 process_group=None):
         # bias=False (torch >= 2.14) is passed on only when asked for, so older torch keeps working.
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **({} if bias else {"bias": False}))
         F._bna._check_activation("none" if activation is None else activation)
         self.activation = activation
         self.negative_slope = negative_slope
+        self.process_group = process_group
 
     @classmethod
-    def from_module(cls, bn: torch.nn.BatchNorm2d, *, activation=None, negative_slope=0.01):
+    def from_module(cls, bn: torch.nn.BatchNorm2d, *, activation=None, negative_slope=0.01, process_group=None):
         """A FusedBatchNorm2d with bn's configuration, parameters and buffers (shared, not copied)."""
         ref = bn.weight if bn.affine else bn.running_mean
         m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                 device=ref.device if ref is not None else None, bias=not bn.affine or bn.bias is not None,
-                activation=activation, negative_slope=negative_slope)
+                activation=activation, negative_slope=negative_slope, process_group=process_group)
         for name in ("weight", "bias"):
             setattr(m, name, getattr(bn, name))
         for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -54,7 +59,7 @@ class FusedBatchNorm2d(_BatchNorm):
         return F.batch_norm_act(
             input, self.running_mean if use_running else None, self.running_var if use_running else None,
             self.weight, self.bias, bn_training, factor, self.eps, residual=residual,
-            activation=self.activation, negative_slope=self.negative_slope)
+            activation=self.activation, negative_slope=self.negative_slope, process_group=self.process_group)
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -62,4 +67,6 @@ class FusedBatchNorm2d(_BatchNorm):
             s += f", activation={self.activation!r}"
             if self.activation == "leaky_relu":
                 s += f", negative_slope={self.negative_slope}"
+        if self.process_group is not None:
+            s += ", process_group=synchronized"
         return s

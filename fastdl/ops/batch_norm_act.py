@@ -1,7 +1,8 @@
 """batch_norm_act: y = act(batch_norm(x) + residual).
 
-Registers, for the fastdl::batch_norm_act_forward / _backward schemas of fastdl._C, fake impls and
-the Triton launchers as CUDA kernels (the CPU kernels are C++); the dispatcher picks CPU or CUDA.
+Registers, for the fastdl::batch_norm_act_forward / _backward and batch_norm_stats schemas of
+fastdl._C, fake impls and the Triton launchers as CUDA kernels (the CPU kernels are C++); the
+dispatcher picks CPU or CUDA. With a process group, training runs batch_norm_act_sync instead.
 Autograd is a thin autograd.Function over the two ops (the forward op mutates the running
 statistics, which torch.library.register_autograd does not allow). `batch_norm_act` routes to the
 reference only when fastdl._backends says no kernel applies.
@@ -76,15 +77,22 @@ def check_args(x, running_mean, running_var, weight, bias, residual, training, a
 
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, residual, training, momentum, eps,
-                   activation, slope):
+                   activation, slope, process_group=None):
     """y = act(batch_norm(x) + residual); updates running_mean / running_var in place when training.
 
     x: (N, C, *); weight, bias, running_mean, running_var: (C,) or None; residual: x's shape or None.
-    activation: "none", "relu", "relu6" or "leaky_relu" (negative slope `slope`). Returns y, x's shape
-    and memory format.
+    activation: "none", "relu", "relu6" or "leaky_relu" (negative slope `slope`). process_group: when
+    training, the batch statistics are those of the whole group's batch (nn.SyncBatchNorm's
+    semantics). Returns y, x's shape and memory format.
     """
     check_args(x, running_mean, running_var, weight, bias, residual, training, activation)
-    if _backends.choose(SPEC.name, x.device.type, x.dtype).name == "reference":
+    backend = _backends.choose(SPEC.name, x.device.type, x.dtype).name
+    if training and process_group is not None:
+        from fastdl.ops import batch_norm_act_sync
+
+        return batch_norm_act_sync.batch_norm_act(x, running_mean, running_var, weight, bias, residual,
+                                                  momentum, eps, activation, slope, process_group, backend)
+    if backend == "reference":
         return reference.batch_norm_act(x, running_mean, running_var, weight, bias, residual, training,
                                         momentum, eps, activation, slope)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))):
@@ -106,6 +114,11 @@ def _fake_forward(x, weight, bias, residual, running_mean, running_var, training
     mask = (torch.empty_like(x, dtype=torch.bool, memory_format=fmt) if save_mask and activation != "none"
             else x.new_empty(0, dtype=torch.bool))
     return (torch.empty_like(x, memory_format=fmt), x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc), mask)
+
+
+def _fake_stats(x):
+    C, acc = x.shape[1], _acc_dtype(x.dtype)
+    return x.new_empty(C, dtype=acc), x.new_empty(C, dtype=acc)
 
 
 def _fake_backward(grad_out, x, weight, mean, invstd, mask, training, activation, slope, residual_grad):
@@ -157,6 +170,12 @@ def _check_forward(x, weight, bias, residual, running_mean, running_var, trainin
     check_args(x, running_mean, running_var, weight, bias, residual, training, activation)
 
 
+def _check_stats(x):
+    _check_input(x)
+    if x.numel() == 0:
+        raise ValueError(f"input: expected at least one value per channel, got input size {tuple(x.shape)}")
+
+
 def _check_backward(grad_out, x, weight, mean, invstd, mask, training, activation, slope, residual_grad):
     _check_input(x)
     _check_like_input("grad_out", grad_out, x)
@@ -171,6 +190,7 @@ def _check_backward(grad_out, x, weight, mean, invstd, mask, training, activatio
 if _extension.loaded():
     torch.library.register_fake("fastdl::batch_norm_act_forward")(_fake_forward)
     torch.library.register_fake("fastdl::batch_norm_act_backward")(_fake_backward)
+    torch.library.register_fake("fastdl::batch_norm_stats")(_fake_stats)
     if _triton.AVAILABLE:
         from fastdl.triton import batch_norm_act as _kernels
 
@@ -178,3 +198,4 @@ if _extension.loaded():
                                       _check_then(_kernels.forward, _check_forward))
         torch.library.register_kernel("fastdl::batch_norm_act_backward", "cuda",
                                       _check_then(_kernels.backward, _check_backward))
+        torch.library.register_kernel("fastdl::batch_norm_stats", "cuda", _check_then(_kernels.stats, _check_stats))

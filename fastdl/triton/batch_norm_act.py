@@ -245,6 +245,29 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _partial_stats(x, cfg, C, HW, M, channels_last):
+    """Launches the statistics kernel: (mean, M2) of each split of the M positions, (split, C) each."""
+    acc = _acc(x.dtype)
+    part_mean = torch.empty((cfg["split"], C), dtype=acc, device=x.device)
+    part_m2 = torch.empty_like(part_mean)
+    _stats_kernel[(cfg["grid_c"], cfg["split"])](
+        x, part_mean, part_m2, C, HW, M, cfg["rows_per_split"],
+        CHANNELS_LAST=channels_last, BLOCK_C=cfg["block_c"], BLOCK_R=cfg["block_r"], ACC=_tl(acc))
+    return part_mean, part_m2
+
+
+def stats(x):
+    """The batch statistics alone: (mean, M2) of x (N, C, *) per channel, (C,) each in fp32 (fp64 for
+    fp64 x). The split partials are merged exactly as the forward kernel merges them."""
+    x, fmt, C, HW, M = _layout(x)
+    cfg = _config(C, M, fmt == torch.channels_last, x.device)
+    part_mean, part_m2 = _partial_stats(x, cfg, C, HW, M, fmt == torch.channels_last)
+    starts = torch.arange(cfg["split"], device=x.device) * cfg["rows_per_split"]
+    n = (M - starts).clamp(0, cfg["rows_per_split"]).to(part_mean.dtype)[:, None]
+    mean = (part_mean * n).sum(0) / M
+    return mean, (part_m2 + n * (part_mean - mean) ** 2).sum(0)
+
+
 def forward(x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
             activation, slope, save_mask):
     """Launches the forward kernels. Returns (y, mean, invstd, mask) as the op's schema says."""
@@ -260,13 +283,7 @@ def forward(x, weight, bias, residual, running_mean, running_var, training, mome
         torch.empty(0, dtype=torch.bool, device=x.device)
     res = residual.contiguous(memory_format=fmt) if residual is not None else x
     cfg = _config(C, M, cl, x.device)
-    part_mean = part_m2 = mean
-    if training:
-        part_mean = torch.empty((cfg["split"], C), dtype=acc, device=x.device)
-        part_m2 = torch.empty_like(part_mean)
-        _stats_kernel[(cfg["grid_c"], cfg["split"])](
-            x, part_mean, part_m2, C, HW, M, cfg["rows_per_split"],
-            CHANNELS_LAST=cl, BLOCK_C=cfg["block_c"], BLOCK_R=cfg["block_r"], ACC=_tl(acc))
+    part_mean, part_m2 = _partial_stats(x, cfg, C, HW, M, cl) if training else (mean, mean)
     _forward_kernel[(cfg["grid_c"], cfg["grid_r"])](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
         running_mean if running_mean is not None else mean, running_var if running_var is not None else mean,

@@ -66,6 +66,8 @@ class _OneDnnLinear(torch.autograd.Function):
             S, M, K = x.shape[0], grad.shape[1], x.shape[1]
             grad_w = (lp(grad.t(), x.t(), None, "none", [], "") if S * M <= S * K + M * K
                       else lp(x.t(), grad.t(), None, "none", [], "").t())
+            if grad_w.stride() != w.stride():  # the gradient layout contract (DDP's buckets view w's strides)
+                grad_w = torch.empty_like(w).copy_(grad_w)
         grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 

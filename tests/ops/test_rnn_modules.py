@@ -199,6 +199,17 @@ def test_same_initialisation_as_nn():
             assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("input_size,hidden,batch", [(1, 64, 32), (3, 5, 2), (40, 8, 64)])
+def test_parameter_gradients_have_the_parameters_strides(input_size, hidden, batch):
+    """The gradient layout contract, which DistributedDataParallel's buckets rely on (it warns, and
+    copies, otherwise): oneDNN's weight-gradient GEMM may return a transposed result."""
+    for cls in (fastdl.FusedLSTM, fastdl.FusedGRU, fastdl.FusedRNN):
+        m = cls(input_size, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        m(torch.randn(batch, 16, input_size))[0].sum().backward()
+        for name, p in m.named_parameters():
+            assert p.grad.stride() == p.stride(), (cls.__name__, name)
+
+
 def test_proj_size_is_not_implemented():
     with pytest.raises(NotImplementedError, match="proj_size"):
         fastdl.FusedLSTM(4, 8, proj_size=3)

@@ -1,6 +1,7 @@
 """The fastdl command line: `fastdl info`, `fastdl check`, `fastdl train` (also `python -m fastdl ...`)."""
 import argparse
 import json
+import subprocess
 import sys
 
 import torch
@@ -53,7 +54,7 @@ def cmd_check(args):
 
 
 def cmd_train(args):
-    from fastdl import train
+    from fastdl import distributed, train
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastdl train: --device cuda, but no CUDA device is visible", file=sys.stderr)
@@ -70,9 +71,35 @@ def cmd_train(args):
         print(f"fastdl train: --data: only the image models read MNIST ({', '.join(train.IMAGE_MODELS)}), "
               f"not {args.model}", file=sys.stderr)
         return 2
+    if args.nproc < 1:
+        print(f"fastdl train: --nproc: expected a positive integer, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and args.nproc > torch.cuda.device_count():
+        print(f"fastdl train: --nproc: {args.nproc} processes on cuda, but {torch.cuda.device_count()} GPUs are "
+              "visible (one process per GPU)", file=sys.stderr)
+        return 2
+    if args.batch_size < args.nproc:
+        print(f"fastdl train: --batch-size: the global batch ({args.batch_size}) must have a sample for each of "
+              f"the {args.nproc} processes", file=sys.stderr)
+        return 2
+    if args.fsdp and args.nproc == 1 and not distributed.launched():
+        print("fastdl train: --fsdp: shards across processes; give --nproc N (N > 1) or launch with torchrun",
+              file=sys.stderr)
+        return 2
     args.lr = args.lr or train.LEARNING_RATES.get(args.model, 1e-3)
+    if args.nproc > 1 and not distributed.launched():
+        return subprocess.run(_torchrun(args)).returncode
     train.train(args.model, args)
     return 0
+
+
+def _torchrun(args):
+    """The torchrun command running this `fastdl train` in args.nproc processes on this machine."""
+    argv = ["train", args.model, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr",
+            repr(args.lr), "--device", args.device, "--seed", str(args.seed), "--out", args.out]
+    argv += ["--amp"] * args.amp + ["--fsdp"] * args.fsdp + (["--data", args.data] if args.data else [])
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "fastdl", *argv]
 
 
 def main(argv=None):
@@ -97,6 +124,9 @@ def main(argv=None):
     p.add_argument("--out", default="runs", help="where the checkpoint and samples go (default: runs)")
     p.add_argument("--data", metavar="PATH", help="a folder with MNIST's four IDX files (image models; "
                                                   "default: scikit-learn's digits)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine, launched with torchrun "
+                   "(DDP; gloo on cpu, NCCL on cuda, one GPU each); --batch-size is then the global batch")
+    p.add_argument("--fsdp", action="store_true", help="with --nproc: shard the model with FSDP instead of DDP")
     p.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -10,6 +10,7 @@ of a global batch, and `loss_scale` the factor that makes the average of the pro
 the gradient of the whole batch's mean loss when the slices differ in size. `run_ranks` runs a
 function in N local processes, for tests and small experiments.
 """
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -61,8 +62,8 @@ class Method(nn.Module):
 def parallelize(model, method="forward", fsdp=False):
     """A callable training `model` across the process group: its BatchNorm2d / FusedBatchNorm2d made
     to synchronize (in place), then wrapped in DistributedDataParallel (device_ids set on CUDA), or
-    with fsdp=True sharded in place by fully_shard (each parameter split across the processes and
-    gathered for its layer's forward and backward). method: the method the returned callable runs
+    with fsdp=True sharded in place by fully_shard (each parameter split across the processes, and
+    gathered for the forward and backward of its unit: each element of a ModuleList, and the rest). method: the method the returned callable runs
     (DDP wraps a Method around anything but forward; FSDP needs none)."""
     import fastdl
 
@@ -71,14 +72,33 @@ def parallelize(model, method="forward", fsdp=False):
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for child in model.children():
-            if sum(p.numel() for p in child.parameters()) > 0:
-                fully_shard(child)
+        for blocks in [m for m in model.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:  # a gpt's transformer blocks, a resnet's ...: one unit each
+                fully_shard(block)
         fully_shard(model)
         return model if method == "forward" else getattr(model, method)
     device = next(model.parameters()).device
     wrapped = model if method == "forward" else Method(model, method)
     return nn.parallel.DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def local_batch_norm(*modules):
+    """Within it, the modules' synchronized batch norms use this process's batch alone: for work that
+    every process does on the same whole data (recomputing running statistics before evaluation),
+    where synchronizing would count each sample once per process."""
+    from fastdl.nn import FusedBatchNorm2d
+
+    bns = [m for module in modules for m in module.modules()
+           if isinstance(m, FusedBatchNorm2d) and m.process_group is not None]
+    groups = [m.process_group for m in bns]
+    for m in bns:
+        m.process_group = None
+    try:
+        yield
+    finally:
+        for m, group in zip(bns, groups):
+            m.process_group = group
 
 
 def shard(batch):

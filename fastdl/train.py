@@ -18,6 +18,11 @@ diffusion.
 
 The checkpoint, OUT/MODEL.pt, holds {"model", "config", "state_dict"} (the GAN's two state_dicts
 under "generator" / "discriminator") and loads with torch.load(path, weights_only=True).
+
+Launched by torchrun (`fastdl train MODEL --nproc N` does it), each of the N processes trains on its
+slice of every batch (--batch-size is the global batch) under DistributedDataParallel, or FSDP with
+--fsdp, with synchronized batch norm (fastdl.distributed); every process evaluates, process 0 alone
+prints and writes files.
 """
 import dataclasses
 import math
@@ -30,7 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn import functional as F
 
-from fastdl import data, models
+from fastdl import data, distributed, models
 
 IMAGE_CLASSIFIERS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2")
 SEQUENCE_CLASSIFIERS = ("rnn", "transformer", "attention")
@@ -50,6 +55,13 @@ class Job:
     step: Callable
     evaluate: Callable
     sample: Optional[Callable] = None
+
+
+def _parallel(args, model, method="forward"):
+    """What a training step calls for model.<method>: under torchrun, through DDP or FSDP."""
+    if not distributed.launched():
+        return model if method == "forward" else getattr(model, method)
+    return distributed.parallelize(model, method, fsdp=getattr(args, "fsdp", False))
 
 
 def _shuffled(tensors, batch_size):
@@ -81,7 +93,8 @@ def _classifier(name, args, inputs):
     model = model.to(args.device)
     x, y, x_test, y_test = (t.to(args.device) for t in (x, y, x_test, y_test))
     bn_data = x if name not in ("mlp", *SEQUENCE_CLASSIFIERS) else None
-    return Job((model,), _shuffled((x, y), args.batch_size), lambda b: F.cross_entropy(model(b[0]), b[1]),
+    run = _parallel(args, model)
+    return Job((model,), _shuffled((x, y), args.batch_size), lambda b: F.cross_entropy(run(b[0]), b[1]),
                lambda: [f"held-out accuracy {_accuracy(model, x_test, y_test, bn_data):.3f} (chance {1 / classes:.3f})"])
 
 
@@ -95,7 +108,8 @@ def _lstm(args):
             mse = F.mse_loss(model(x_test), y_test).item()
         naive = F.mse_loss(x_test[:, -1:].expand_as(y_test), y_test).item()
         return [f"held-out MSE {mse:.4f} (repeating the last value: {naive:.4f})"]
-    return Job((model,), _shuffled((x, y), args.batch_size), lambda b: F.mse_loss(model(b[0]), b[1]), evaluate)
+    run = _parallel(args, model)
+    return Job((model,), _shuffled((x, y), args.batch_size), lambda b: F.mse_loss(run(b[0]), b[1]), evaluate)
 
 
 def _gpt(args):
@@ -118,15 +132,18 @@ def _gpt(args):
         with torch.no_grad():
             tokens = model.generate(prompt, 300, temperature=0.8, top_k=20, generator=g)
         return ["gpt: sample:", data.decode(tokens[0].cpu())]
-    return Job((model,), epoch, lambda b: model(b[0].to(args.device), b[1].to(args.device))[1], evaluate, sample)
+    run = _parallel(args, model)
+    return Job((model,), epoch, lambda b: run(b[0].to(args.device), b[1].to(args.device))[1], evaluate, sample)
 
 
 def _gan(args):
     x = images(args, 28)[0].to(args.device) * 2 - 1
     gen, disc = (m.to(args.device) for m in models.gan())
+    run_gen, run_disc = _parallel(args, gen), _parallel(args, disc)
+    run_gen.config = gen.config  # train_step reads the latent size from it
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    step = lambda b: sum(models.train_step(gen, disc, b[0], opt_g, opt_d))  # noqa: E731
+    step = lambda b: sum(models.train_step(run_gen, run_disc, b[0], opt_g, opt_d))  # noqa: E731
 
     def sample(out, g):
         gen.eval()
@@ -151,7 +168,8 @@ def _diffusion(args):
         with torch.no_grad():
             images = model.sample(16, generator=torch.Generator(args.device).manual_seed(args.seed))
         return [f"diffusion: samples {write_png_grid(out / 'diffusion-samples.png', (images + 1) / 2)}"]
-    return Job((model,), _shuffled((x,), args.batch_size), lambda b: model.loss(b[0]), evaluate, sample)
+    run = _parallel(args, model, "loss")
+    return Job((model,), _shuffled((x,), args.batch_size), lambda b: run(b[0]), evaluate, sample)
 
 
 def images(args, size, channels=1):
@@ -170,7 +188,10 @@ def build(name, args):
 
 
 def write_png_grid(path, images):
-    """images (N, C, H, W) in [0, 1] (C = 1 or 3) as one 8-bit PNG, ceil(sqrt(N)) per row -> path."""
+    """images (N, C, H, W) in [0, 1] (C = 1 or 3) as one 8-bit PNG, ceil(sqrt(N)) per row -> path
+    (written by process 0 alone under torch.distributed)."""
+    if distributed.rank() != 0:
+        return str(path)
     N, C, H, W = images.shape
     cols = math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
@@ -188,21 +209,32 @@ def write_png_grid(path, images):
     return str(path)
 
 
+def _full_state_dict(module):
+    """module's state_dict with FSDP's sharded tensors gathered (every process must call it)."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
+
+
 def checkpoint(name, modules):
     """The checkpoint's contents: tensors, numbers and strings only (loads with weights_only=True)."""
     config = dataclasses.asdict(modules[0].config)
     if name == "gan":
-        state = {"generator": modules[0].state_dict(), "discriminator": modules[1].state_dict()}
+        state = {"generator": _full_state_dict(modules[0]), "discriminator": _full_state_dict(modules[1])}
     else:
-        state = modules[0].state_dict()
+        state = _full_state_dict(modules[0])
     return {"model": name, "config": config, "state_dict": state}
 
 
 def train(name, args, print=print):
     """Trains model `name` for args.epochs on args.device (torch.autocast when args.amp), then
-    evaluates, saves args.out/name.pt and samples. Returns the checkpoint's path."""
+    evaluates, saves args.out/name.pt and samples. Returns the checkpoint's path. Under torchrun,
+    joins the process group first and leaves it at the end."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    parallel = distributed.launched()
+    if parallel:
+        distributed.setup(args.device)
+    world, first = distributed.world_size(), distributed.rank() == 0
+    say = print if first else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     job = build(name, args)
     params = [p for m in job.modules for p in m.parameters()]
@@ -211,30 +243,37 @@ def train(name, args, print=print):
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.amp)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, disable=not first) as bar:
         for epoch in range(args.epochs):
-            batches = job.epoch(g)
+            batches = [b for b in job.epoch(g) if len(b[0]) >= world]  # every process gets a sample
             task = bar.add_task(f"{name} epoch {epoch + 1}/{args.epochs}", total=len(batches), loss=math.nan, rate=0)
             for batch in batches:
+                total, batch = len(batch[0]), distributed.shard(batch) if parallel else batch
                 for m in job.modules:
                     m.train()
                 with amp:
                     loss = job.step(batch)
                 if opt is not None:
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * distributed.loss_scale(len(batch[0]), total) if parallel else loss).backward()
                     opt.step()
                 elapsed = bar.tasks[task].elapsed or 1e-9
-                bar.update(task, advance=1, loss=loss.item(),
-                           rate=(bar.tasks[task].completed + 1) * len(batch[0]) / elapsed)
-    for line in job.evaluate():
-        print(f"{name}: {line}")
+                bar.update(task, advance=1, loss=loss.item(), rate=(bar.tasks[task].completed + 1) * total / elapsed)
+    with distributed.local_batch_norm(*job.modules):  # every process evaluates on the whole data (FSDP needs all)
+        for line in job.evaluate():
+            say(f"{name}: {line}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.pt"
-    torch.save(checkpoint(name, job.modules), path)
-    print(f"{name}: checkpoint {path}")
+    state = checkpoint(name, job.modules)
+    if first:
+        torch.save(state, path)
+    say(f"{name}: checkpoint {path}" + (f" (trained on {world} processes)" if parallel else ""))
     if job.sample is not None:
+        for m in job.modules:
+            m.eval()
         for line in job.sample(out, torch.Generator().manual_seed(args.seed)):
-            print(line)
+            say(line)
+    if parallel:
+        torch.distributed.destroy_process_group()
     return path

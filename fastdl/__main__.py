@@ -1,4 +1,5 @@
-"""The fastdl command line: `fastdl info`, `fastdl check`, `fastdl train` (also `python -m fastdl ...`)."""
+"""The fastdl command line: `fastdl info`, `fastdl check`, `fastdl train`, `fastdl bench` (also
+`python -m fastdl ...`)."""
 import argparse
 import json
 import subprocess
@@ -102,6 +103,31 @@ def _torchrun(args):
             "-m", "fastdl", *argv]
 
 
+def cmd_bench(args):
+    from fastdl.bench import run
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastdl bench: --device cuda, but no CUDA device is visible", file=sys.stderr)
+        return 2
+    names = run.names()
+    unknown = [name for name in args.only if name not in names]
+    if unknown:
+        print(f"fastdl bench: --only: unknown name {', '.join(unknown)} (choose from {', '.join(names)})",
+              file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    picked, skipped = run.select(args.device, args.quick, dtype, args.only)
+    if not picked and skipped:
+        print(f"fastdl bench: --dtype {args.dtype}: nothing to measure on {args.device}", *skipped, sep="\n  ",
+              file=sys.stderr)
+        return 2
+    if not picked:
+        print(f"fastdl bench: --only {' '.join(args.only)}: no case{' in --quick' * args.quick}", file=sys.stderr)
+        return 2
+    run.run(picked, skipped, args.device, args.quick, dtype, args.out)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastdl", description="fastdl: fused kernels for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +154,18 @@ def main(argv=None):
                    "(DDP; gloo on cpu, NCCL on cuda, one GPU each); --batch-size is then the global batch")
     p.add_argument("--fsdp", action="store_true", help="with --nproc: shard the model with FSDP instead of DDP")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("bench", help="ops and models: fastdl against eager PyTorch and torch.compile, "
+                                     "with peak memory; a table, and JSON, markdown and a PNG chart in --out")
+    p.add_argument("--quick", action="store_true", help="a few cases of every op and model (minutes on a CPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when visible, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="of the ops' tensors, and the autocast dtype of the models (default: float32)")
+    p.add_argument("--out", default="runs/bench", help="where bench.json, bench.md and bench.png go "
+                                                       "(default: runs/bench)")
+    p.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                   help="op stems (batch_norm_act, depthwise_conv2d, attention, rnn, models) or model names")
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,14 +1,8 @@
-"""benchmarks/conftest.py's CPU peak memory, against steps whose allocations are known (16 MiB blocks
+"""fastdl.bench.harness's CPU peak memory, against steps whose allocations are known (16 MiB blocks
 here to keep the NaN-poisoned torch.empty cheap; 64 MiB blocks measure exactly 64 MiB too)."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
-spec = importlib.util.spec_from_file_location(
-    "bench_conftest", Path(__file__).parents[1] / "benchmarks" / "conftest.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from fastdl.bench import harness
 
 MiB = 2**20
 SLACK = 64 * 2**10
@@ -19,7 +13,7 @@ def empty(nbytes):
 
 
 def check(step, expected):
-    peak = bench.peak_memory(step, torch.device("cpu"))
+    peak = harness.peak_memory(step, torch.device("cpu"))
     assert expected <= peak <= expected + SLACK, f"{peak / MiB:.3f} MiB, expected {expected / MiB:.3f} MiB"
 
 

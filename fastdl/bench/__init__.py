@@ -1,0 +1,9 @@
+"""Benchmarks of fastdl against eager PyTorch and torch.compile, shared by `fastdl bench` and the
+pytest-benchmark files of benchmarks/ (`make bench`).
+
+One module per op stem holds that op's cases and steps (batch_norm_act, depthwise_conv2d,
+attention, rnn; models for the models of fastdl.models); harness.py times a step and measures its
+peak memory, and records the conditions of the run; report.py writes the table, bench.json,
+bench.md and bench.png; run.py is `fastdl bench`.
+"""
+STEMS = ("batch_norm_act", "depthwise_conv2d", "attention", "rnn", "models")

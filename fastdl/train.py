@@ -58,8 +58,9 @@ class Job:
 
 
 def _parallel(args, model, method="forward"):
-    """What a training step calls for model.<method>: under torchrun, through DDP or FSDP."""
-    if not distributed.launched():
+    """What a training step calls for model.<method>: in a process group of several, through DDP
+    or FSDP."""
+    if distributed.world_size() == 1:
         return model if method == "forward" else getattr(model, method)
     return distributed.parallelize(model, method, fsdp=getattr(args, "fsdp", False))
 
@@ -227,13 +228,14 @@ def checkpoint(name, modules):
 def train(name, args, print=print):
     """Trains model `name` for args.epochs on args.device (torch.autocast when args.amp), then
     evaluates, saves args.out/name.pt and samples. Returns the checkpoint's path. Under torchrun,
-    joins the process group first and leaves it at the end."""
+    joins the process group first (unless already in one) and leaves what it joined at the end."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    parallel = distributed.launched()
-    if parallel:
+    joined = distributed.launched() and not torch.distributed.is_initialized()
+    if joined:
         distributed.setup(args.device)
     world, first = distributed.world_size(), distributed.rank() == 0
+    parallel = world > 1
     say = print if first else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     job = build(name, args)
@@ -274,6 +276,6 @@ def train(name, args, print=print):
             m.eval()
         for line in job.sample(out, torch.Generator().manual_seed(args.seed)):
             say(line)
-    if parallel:
+    if joined:
         torch.distributed.destroy_process_group()
     return path

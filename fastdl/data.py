@@ -43,16 +43,22 @@ def digits(size=8, channels=1, dtype=torch.float32):
 def mnist(path, size=28, channels=1, dtype=torch.float32):
     """MNIST (or Fashion-MNIST) from its four standard IDX files in the folder `path`
     (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte,
-    each optionally .gz), which the user downloaded; nothing is fetched -> (x_train, y_train, x_test,
-    y_test) as digits() returns them: x (N, channels, size, size) in [0, 1], y (N,) int64."""
+    each optionally .gz), or in torchvision's layout under it (PATH/MNIST/raw, PATH/FashionMNIST/raw:
+    the root given to torchvision.datasets.MNIST), which the user downloaded; nothing is fetched ->
+    (x_train, y_train, x_test, y_test) as digits() returns them: x (N, channels, size, size) in
+    [0, 1], y (N,) int64."""
+    candidates = [Path(path), Path(path) / "MNIST" / "raw", Path(path) / "FashionMNIST" / "raw"]
+    folder = next((c for c in candidates if any(c.glob("train-images-idx3-ubyte*"))), Path(path))
+
     def read(stem, kind):
         for name in (stem, stem + ".gz"):
-            f = Path(path) / name
+            f = folder / name
             if f.exists():
                 raw = gzip.decompress(f.read_bytes()) if name.endswith(".gz") else f.read_bytes()
                 break
         else:
-            raise FileNotFoundError(f"data: expected {stem}[.gz] in {path}")
+            raise FileNotFoundError(f"data: expected {stem}[.gz] in {folder}"
+                                    + (" (or in torchvision's MNIST/raw under it)" if folder == Path(path) else ""))
         magic, n = struct.unpack(">II", raw[:8])
         if magic != (0x803 if kind == "images" else 0x801):
             raise ValueError(f"data: {f} is not an IDX {kind} file (magic {magic:#x})")

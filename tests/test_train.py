@@ -122,6 +122,17 @@ def test_mnist_reads_idx_files(tmp_path, gz):
     assert x32.shape == (200, 3, 32, 32)
 
 
+def test_mnist_reads_torchvisions_layout(tmp_path):
+    """--data may be the root given to torchvision.datasets.MNIST: its files are in ROOT/MNIST/raw."""
+    from fastdl import data
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    expected = data.mnist(write_idx(raw))
+    for got, want in zip(data.mnist(tmp_path), expected):
+        assert torch.equal(got, want)
+
+
 def test_mnist_errors_name_the_file(tmp_path):
     from fastdl import data
 

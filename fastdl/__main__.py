@@ -141,7 +141,8 @@ def main(argv=None):
 
     p = sub.add_parser("train", help="train a model on data that needs no download, evaluate, save, sample")
     p.add_argument("model", choices=MODELS)
-    p.add_argument("--epochs", type=int, help="default: 30 for lstm, 5 for the sequence models, gan and diffusion, else 3")
+    p.add_argument("--epochs", type=int, help="default: 40 for gpt, 30 for lstm and gan, 15 for diffusion, 5 for rnn, "
+                                              "transformer and attention, else 3")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, help="default: 1e-3 (AdamW), 2e-4 for gan (Adam)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

@@ -33,6 +33,9 @@ def cmd_info(args):
         print(f"extension: not loaded ({ext['error']})")
     if info["triton_error"]:
         print(f"triton: {info['triton_error']}")
+    d = info["distributed"]
+    backends = [name for name in ("gloo", "nccl") if d[name]]
+    print(f"torch.distributed: {', '.join(backends) + ' (fastdl train --nproc, synchronized batch norm)' if backends else 'not available'}")
     print()
     print(_table(("op", "device", "dtype", "backend", "why"),
                  [(r["op"], r["device"], r["dtype"], r["backend"], r["reason"]) for r in info["ops"]]))

@@ -11,8 +11,12 @@ def info() -> dict:
     """A JSON-able description of what fastdl will run on this machine.
 
     Keys: versions (fastdl, torch, triton, cuda, python), devices, threads, extension (loaded, error,
-    build), ops: a list of {op, device, dtype, backend, reason}.
+    build), distributed (whether torch.distributed and its gloo / NCCL backends are built in: what
+    `fastdl train --nproc` and synchronized batch norm run on), ops: a list of {op, device, dtype,
+    backend, reason}.
     """
+    import torch.distributed as dist
+
     import fastdl
 
     triton_version = None
@@ -30,5 +34,7 @@ def info() -> dict:
         devices=devices,
         threads=torch.get_num_threads(),
         extension=dict(loaded=_extension.loaded(), error=_extension.LOAD_ERROR, build=_extension.build_info()),
+        distributed=dict(available=dist.is_available(), gloo=dist.is_available() and dist.is_gloo_available(),
+                         nccl=dist.is_available() and dist.is_nccl_available()),
         ops=ops,
     )

@@ -14,6 +14,9 @@ def test_info_table(capsys):
     assert ("batch_norm_act", "cpu", "float32", "cpp") in rows
     assert ("depthwise_conv2d", "cpu", "float32", "cpp") in rows
     assert "extension: fastdl._C loaded" in out
+    import torch.distributed as dist
+
+    assert ("torch.distributed: gloo" in out) == dist.is_gloo_available()
 
 
 def test_info_json(capsys):

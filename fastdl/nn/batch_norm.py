@@ -59,7 +59,8 @@ class FusedBatchNorm2d(_BatchNorm):
         return F.batch_norm_act(
             input, self.running_mean if use_running else None, self.running_var if use_running else None,
             self.weight, self.bias, bn_training, factor, self.eps, residual=residual,
-            activation=self.activation, negative_slope=self.negative_slope, process_group=self.process_group)
+            activation=self.activation, negative_slope=self.negative_slope,
+            process_group=self.process_group if self.training else None)  # nn.SyncBatchNorm syncs in train mode only
 
     def extra_repr(self):
         s = super().extra_repr()

@@ -169,6 +169,9 @@ def test_without_an_initialized_group_the_error_names_process_group():
         bn(torch.randn(2, 3, 4, 4))
     bn.eval()  # eval normalizes with the running statistics: nothing to synchronize
     assert bn(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+    # nor without them (batch statistics in eval): nn.SyncBatchNorm synchronizes in train mode only
+    bn = fastdl.FusedBatchNorm2d(3, track_running_stats=False, process_group=object()).eval()
+    assert bn(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)
 
 
 def test_reference_backend_is_not_implemented():

@@ -1,4 +1,6 @@
 """FusedBatchNorm2d: nn.BatchNorm2d with an optional residual add and activation fused in."""
+import copy
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -40,6 +42,15 @@ class FusedBatchNorm2d(_BatchNorm):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             setattr(m, name, getattr(bn, name))
         return m.train(bn.training)
+
+    def __deepcopy__(self, memo):
+        """A deep copy sharing process_group: a group is a handle to the processes, not state (and
+        cannot be copied; nn.SyncBatchNorm's deep copy fails on it)."""
+        memo[id(self.process_group)] = self.process_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def _check_input_dim(self, input):
         if input.dim() != 4:

@@ -5,6 +5,8 @@ FusedBatchNorm2d / nn.BatchNorm2d computes on the whole batch, in float64: each 
 and of grad_x / grad_residual, the running statistics, and (summed over the processes, as the
 gradient of a sum of their losses) grad_weight and grad_bias.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -74,6 +76,9 @@ def _sync_worker(rank, world):
             if out[name] is not None:
                 dist.all_reduce(out[name])
         results[cid(case)] = out
+    bn = fastdl.FusedBatchNorm2d(3, process_group=dist.group.WORLD)
+    copied = copy.deepcopy(torch.nn.Sequential(bn))[0]
+    results["deepcopy shares the group"] = copied.process_group is bn.process_group and copied is not bn
     return results
 
 
@@ -105,6 +110,10 @@ def test_two_processes_match_one_over_the_whole_batch(two_ranks, case):
             if expected[name] is not None:
                 assert_close(name, r[name], expected[name], dtype=torch.float64, n=sum(SPLIT) * 20)
     assert all(r["channels_last"] == (layout == "channels_last") for r in ranks)
+
+
+def test_deepcopy_shares_the_process_group(two_ranks):
+    assert all(r["deepcopy shares the group"] for r in two_ranks)
 
 
 def test_the_sync_test_can_fail():

@@ -352,21 +352,26 @@ def test_cuda_layer_matches_nn(kind, config, dtype):
 
 @pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
 def test_cpu_autocast_follows_nn(kind):
-    """Under torch.autocast("cpu", bfloat16) the output has nn's dtype (bf16 where nn's is, float32
-    where nn keeps it), is within twice nn's own error of nn's float32 result (plus 1e-3), and the
-    float32 parameters get float32 gradients."""
+    """Under torch.autocast("cpu", bfloat16) the float32 parameters get float32 gradients, and the
+    output has nn's dtype (bf16 where nn's is, float32 where nn keeps it) and is within twice nn's
+    own error of nn's float32 result (plus 1e-3). Where nn's module itself cannot run under bf16
+    autocast on this CPU (oneDNN's bf16 LSTM wants avx512_bf16), the comparison with it is skipped."""
     ref_cls, ours_cls, kw = {**LAYERS, **CELLS}[kind]
     torch.manual_seed(0)
     ref = ref_cls(8, 16, **kw)
     ours = ours_cls.from_module(copy.deepcopy(ref))
     x = torch.randn(5, 3, 8) if kind in LAYERS else torch.randn(3, 8)
-    want = ref(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        theirs, got = ref(x), ours(x)
     first = lambda out: out[0] if isinstance(out, tuple) else out  # the output (layers), h (LSTMCell)
-    want, theirs, got = first(want), first(theirs), first(got)
+    want = first(ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = first(ours(x))
+    got.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            theirs = first(ref(x))
+        except RuntimeError as e:
+            pytest.skip(f"torch's own nn.{kind} cannot run under CPU bf16 autocast on this machine: {e}")
     assert got.dtype == theirs.dtype, f"{kind}: {got.dtype}, nn's {theirs.dtype}"
     ours_err, torch_err = (got.double() - want).abs().max().item(), (theirs.double() - want).abs().max().item()
     assert ours_err <= 2 * torch_err + 1e-3, f"error {ours_err:.3g}, PyTorch's {torch_err:.3g}"
-    got.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())

@@ -12,7 +12,7 @@ import math
 import torch
 
 import fastdl.triton as _triton
-from fastdl import _backends, _extension
+from fastdl import _autograd, _backends, _extension
 from fastdl.reference import attention as reference
 
 SPEC = _backends.register(_backends.OpSpec(
@@ -171,9 +171,10 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths, seed = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
         raise NotImplementedError("attention_forward: gradients of attn_mask are not implemented")
-    dq, dk, dv = torch.ops.fastdl.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
-                                                     key_lengths, *ctx.options, seed)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    with torch.no_grad():  # not differentiable: refused below
+        dq, dk, dv = torch.ops.fastdl.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
+                                                         key_lengths, *ctx.options, seed)
+    return _autograd.refuse("attention", (dq, dk, dv), (grad_out, q, k, v)) + (None,) * 7
 
 
 def _checked_forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed):

@@ -10,7 +10,7 @@ reference only when fastdl._backends says no kernel applies.
 import torch
 
 import fastdl.triton as _triton
-from fastdl import _backends, _extension
+from fastdl import _autograd, _backends, _extension
 from fastdl._tensor import memory_format_of
 from fastdl.reference import batch_norm_act as reference
 
@@ -148,14 +148,34 @@ class _BatchNormAct(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, mean, invstd, mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dw, db, dres = torch.ops.fastdl.batch_norm_act_backward(
-            grad_y, x, weight, mean, invstd, mask, ctx.training, ctx.activation, ctx.slope,
-            needs[3] and ctx.activation != "none")
+        backward = _BatchNormActBackward.apply if torch.is_grad_enabled() else torch.ops.fastdl.batch_norm_act_backward
+        dx, dw, db, dres = backward(grad_y, x, weight, mean, invstd, mask, ctx.training, ctx.activation, ctx.slope,
+                                    needs[3] and ctx.activation != "none")
         if needs[3] and ctx.activation == "none":
             dres = grad_y
         dw = dw.to(weight.dtype) if needs[1] else None
         db = db.to(weight.dtype) if needs[2] else None
         return (dx if needs[0] else None, dw, db, dres if needs[3] else None) + (None,) * 7
+
+
+class _BatchNormActBackward(torch.autograd.Function):
+    """fastdl::batch_norm_act_backward, differentiable (create_graph=True): the kernel computes the
+    gradients, their derivatives come from reference.batch_norm_act_backward's formula."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, mean, invstd, mask, training, activation, slope, residual_grad):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_y, x, weight, mean, invstd, mask)
+        ctx.options = (training, activation, slope)
+        return torch.ops.fastdl.batch_norm_act_backward(grad_y, x, weight, mean, invstd, mask, training, activation,
+                                                        slope, residual_grad)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_weight, gg_bias, gg_residual):
+        grad_y, x, weight, mean, invstd, mask = ctx.saved_tensors
+        formula = lambda g, x, w: reference.batch_norm_act_backward(g, x, w, mean, invstd, mask, *ctx.options)
+        grads = _autograd.vjp(formula, (grad_y, x, weight), (gg_x, gg_weight, gg_bias, gg_residual))
+        return grads + (None,) * 7
 
 
 def _check_then(kernel, check):

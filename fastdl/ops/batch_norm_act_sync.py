@@ -11,11 +11,13 @@ nn.SyncBatchNorm's semantics on fastdl's kernels, CPU (gloo) as well as CUDA (NC
   sums, grad_bias = sum(dz) and grad_weight = sum(dz * x_hat). One all_reduce of the two sums, and
   grad_x -= w * invstd / count * (sum dz + x_hat * sum(dz x_hat)) in two elementwise passes.
   grad_weight / grad_bias stay local, as nn.SyncBatchNorm's do: DistributedDataParallel averages
-  them like every other gradient.
+  them like every other gradient. Double backward raises NotImplementedError (fastdl._autograd).
 Every process of the group must call it, with the same number of channels.
 """
 import torch
 import torch.distributed as dist
+
+from fastdl import _autograd
 
 
 def batch_norm_act(x, running_mean, running_var, weight, bias, residual, momentum, eps, activation,
@@ -79,6 +81,13 @@ class _SyncBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        with torch.no_grad():  # not differentiable: refused below
+            grads = _SyncBatchNormAct.gradients(ctx, grad_y)
+        return _autograd.refuse("batch_norm_act with process_group", grads, (grad_y, *ctx.saved_tensors[:2])) + (None,) * 7
+
+    @staticmethod
+    def gradients(ctx, grad_y):
+        """(grad_x, grad_weight, grad_bias, grad_residual), None where not needed."""
         x, weight, mean, invstd, mask, total = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dw, db, dres = torch.ops.fastdl.batch_norm_act_backward(
@@ -94,4 +103,4 @@ class _SyncBatchNormAct(torch.autograd.Function):
         if needs[3] and ctx.activation == "none":
             dres = grad_y
         return (dx if needs[0] else None, dw.to(weight.dtype) if needs[1] else None,
-                db.to(ctx.bias_dtype) if needs[2] else None, dres if needs[3] else None) + (None,) * 7
+                db.to(ctx.bias_dtype) if needs[2] else None, dres if needs[3] else None)

@@ -3,7 +3,7 @@
 The fastdl::depthwise_conv2d_forward / _backward schemas have C++ kernels for CPU
 (csrc/cpu/depthwise_conv2d_api.cpp) and CUDA (csrc/cuda/depthwise_conv2d_api.cpp); the dispatcher
 picks one. This module adds their fake impls and autograd (torch.library.register_autograd: the
-forward op mutates nothing), and the entry point `depthwise_conv2d`, which resolves padding
+forward op mutates nothing; the backward op differentiable in turn, for create_graph=True), and the entry point `depthwise_conv2d`, which resolves padding
 ('same', 'valid', int, pair) and routes to the reference only when fastdl._backends says no kernel
 applies.
 """
@@ -138,10 +138,52 @@ def _backward(ctx, grad_y):
         g = g * ((y > 0) & (y < 6))
     if scale is not None:
         g = g * scale.view(1, -1, 1, 1)
-    grad_x, grad_w = torch.ops.fastdl.depthwise_conv2d_backward(g, x, weight, *ctx.conv, list(ctx.needs_input_grad[:2]))
+    grad_x, grad_w = _conv_backward(g, x, weight, ctx.conv, list(ctx.needs_input_grad[:2]))
     grad_b = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
     return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None, grad_b,
             None, None, None, None, None, None)
+
+
+def _conv(x, weight, conv):
+    """conv(x, weight) with conv = (stride, padding, dilation); differentiable (register_autograd)."""
+    return torch.ops.fastdl.depthwise_conv2d_forward(x, weight, None, None, None, *conv, "none")
+
+
+def _conv_backward(grad_out, x, weight, conv, output_mask):
+    """fastdl::depthwise_conv2d_backward; with grad mode on (create_graph=True) differentiable."""
+    if torch.is_grad_enabled():
+        return _ConvBackward.apply(grad_out, x, weight, conv, tuple(output_mask))
+    return torch.ops.fastdl.depthwise_conv2d_backward(grad_out, x, weight, *conv, output_mask)
+
+
+class _ConvBackward(torch.autograd.Function):
+    """(grad_x, grad_weight) of conv(x, weight), differentiable: both are bilinear, grad_x in
+    (grad_out, weight) and grad_weight in (grad_out, x), so their derivatives are the convolution
+    and its two gradients again (<gg_x, grad_x> = <grad_out, conv(gg_x, weight)>, <gg_w, grad_w> =
+    <grad_out, conv(x, gg_w)>), each differentiable in turn."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, conv, output_mask):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_out, x, weight)
+        ctx.conv, ctx.output_mask = conv, output_mask
+        return torch.ops.fastdl.depthwise_conv2d_backward(grad_out, x, weight, *conv, list(output_mask))
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_w):
+        grad_out, x, weight = ctx.saved_tensors
+        needs, conv = ctx.needs_input_grad, ctx.conv
+        gg_x = gg_x if ctx.output_mask[0] else None
+        gg_w = gg_w if ctx.output_mask[1] else None
+        d_out = d_x = d_w = None
+        if gg_x is not None:
+            d_out = _conv(gg_x, weight, conv) if needs[0] else None
+            d_w = _conv_backward(grad_out, gg_x, weight, conv, [False, True])[1] if needs[2] else None
+        if gg_w is not None:
+            if needs[0]:
+                d_out = _conv(x, gg_w, conv) if d_out is None else d_out + _conv(x, gg_w, conv)
+            d_x = _conv_backward(grad_out, x, gg_w, conv, [True, False])[0] if needs[1] else None
+        return d_out, d_x, d_w, None, None
 
 
 if _extension.loaded():

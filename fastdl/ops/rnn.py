@@ -11,7 +11,7 @@ layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
 import torch
 import torch.nn.functional as tF
 
-from fastdl import _backends, _extension
+from fastdl import _autograd, _backends, _extension
 from fastdl._tensor import autocast_dtype, cast_all
 from fastdl.reference import rnn as reference
 
@@ -56,9 +56,11 @@ class _OneDnnLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ATen GEMMs
+            return (grad.mm(w) if ctx.needs_input_grad[0] else None, grad.t().mm(x) if ctx.needs_input_grad[1] else None,
+                    grad.sum(0) if ctx.needs_input_grad[2] else None)
         lp = torch.ops.mkldnn._linear_pointwise
         grad_x = lp(grad, w.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
         grad_w = None
@@ -148,11 +150,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
-    """Backpropagation through time in one rnn_backward call; not differentiable itself."""
+    """Backpropagation through time in one rnn_backward call; a double backward raises."""
     batch_sizes, h0, c0, w_hh, out, workspace = ctx.saved_tensors
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_out, grad_h_n, grad_c_n, w_hh)):
-        raise NotImplementedError("rnn: double backward (create_graph=True through fastdl's recurrent layers) is "
-                                  "not implemented; use torch.nn.LSTM / GRU / RNN for higher-order gradients")
     if not ctx.has_workspace:
         raise RuntimeError("rnn_forward: called with save_workspace=False, so it cannot be differentiated")
     lstm = ctx.mode == "lstm"
@@ -160,10 +159,13 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
     grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
     if lstm and grad_c_n is None:
         grad_c_n = torch.zeros_like(h0)
-    dgx, dh0, dc0, dw_hh, db_hh = torch.ops.fastdl.rnn_backward(
-        grad_out, grad_h_n, grad_c_n if lstm else None, batch_sizes, h0, c0, w_hh, out, workspace, ctx.mode,
-        ctx.reverse)
-    return dgx, None, dh0, dc0 if lstm else None, dw_hh, db_hh if ctx.has_bias else None, None, None, None
+    with torch.no_grad():  # not differentiable: refused below
+        dgx, dh0, dc0, dw_hh, db_hh = torch.ops.fastdl.rnn_backward(
+            grad_out, grad_h_n, grad_c_n if lstm else None, batch_sizes, h0, c0, w_hh, out, workspace, ctx.mode,
+            ctx.reverse)
+    grads = _autograd.refuse("rnn", (dgx, dh0, dc0 if lstm else None, dw_hh, db_hh if ctx.has_bias else None),
+                             (grad_out, grad_h_n, grad_c_n, h0, c0, w_hh, out))
+    return grads[0], None, *grads[1:], None, None, None
 
 
 if _extension.loaded():

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import fastdl.functional
+
 from fastdl.reference import attention as reference
 from fastdl.testing import assert_close
 
@@ -321,3 +323,17 @@ def test_broadcast_mask_shapes_match_full_mask():
         for x, y in zip(small, full):
             assert torch.equal(x, y)
 
+
+
+def test_double_backward_is_refused():
+    """create_graph=True gives the same first derivatives; differentiating them raises, naming the
+    op, as torch's own flash attention does (never a second derivative missing its terms)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = fastdl.functional.scaled_dot_product_attention(q, k, v)
+    want = torch.autograd.grad(out.square().sum(), (q, k, v), retain_graph=True)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    for name, a, e in zip("qkv", got, want):
+        assert torch.equal(a, e), name
+    with pytest.raises(NotImplementedError, match="^attention: double backward"):
+        torch.autograd.grad(got[0].square().sum(), (q, k, v))

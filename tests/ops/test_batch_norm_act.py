@@ -1,6 +1,7 @@
 """fastdl.FusedBatchNorm2d / batch_norm_act against nn.BatchNorm2d + add + activation in float64."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,66 @@ def test_gradcheck_cpu_kernel(act, training, layout):
         return F.batch_norm_act(x, *stats, w, b, training, 0.1, 1e-5, residual=r, activation=act)
 
     assert torch.autograd.gradcheck(f, (x, r, w, b))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_gradgradcheck_cpu_kernel(affine, layout, act, training):
+    """Second derivatives (create_graph=True, then backward) in float64: the kernel's gradients,
+    differentiated through reference.batch_norm_act_backward's formula, against finite differences
+    of those gradients."""
+    g = torch.Generator().manual_seed(4)
+    shape = (3, 4, 3, 2)
+    x = lay_out(torch.randn(shape, generator=g, dtype=torch.float64), layout).requires_grad_()
+    r = lay_out(torch.randn(shape, generator=g, dtype=torch.float64), layout).requires_grad_()
+    w = torch.rand(4, generator=g, dtype=torch.float64).add_(0.5).requires_grad_() if affine else None
+    b = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    stats = (None, None) if training else (torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5)
+
+    def f(x, r, *wb):
+        return F.batch_norm_act(x, *stats, *(wb or (None, None)), training, 0.1, 1e-5, residual=r, activation=act)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autograd kernel was not registered": nothing dropped silently
+        assert torch.autograd.gradgradcheck(f, (x, r) + ((w, b) if affine else ()))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradient_penalty_matches_batchnorm2d(layout, training):
+    """A gradient penalty (R1 / WGAN-GP style: |d loss / d x|^2, then its gradient) through a
+    residual block relu(bn2(conv(relu(bn1(x)))) + x) of FusedBatchNorm2d, against nn.BatchNorm2d in
+    float64: the parameters' gradients and the running statistics."""
+    torch.manual_seed(0)
+
+    def block(fused):
+        conv = nn.Conv2d(4, 4, 3, padding=1, bias=False, dtype=torch.float64)
+        bns = [nn.BatchNorm2d(4, dtype=torch.float64) for _ in range(2)]
+        for bn in bns:
+            with torch.no_grad():
+                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 1.5)
+        if fused:
+            bns = [fastdl.FusedBatchNorm2d.from_module(bn, activation="relu") for bn in bns]
+            return nn.ModuleList([*bns, conv]), lambda x: bns[1](conv(bns[0](x)), x)
+        return nn.ModuleList([*bns, conv]), lambda x: tF.relu(bns[1](conv(tF.relu(bns[0](x)))) + x)
+
+    x = lay_out(torch.randn(3, 4, 5, 5, dtype=torch.float64), layout)
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(1)
+        modules, run = block(fused)
+        modules.train(training)
+        xi = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(run(xi).square().sum(), xi, create_graph=True)
+        penalty = grad_x.square().sum()
+        results.append(list(torch.autograd.grad(penalty, list(modules.parameters()))) +
+                       [b for m in modules for b in m.buffers() if b.is_floating_point()])
+    names = [n for n, _ in modules.named_parameters()] + [n for n, b in modules.named_buffers() if b.is_floating_point()]
+    for name, got, want in zip(names, results[1], results[0]):
+        assert_close(name, got, want, n=reduced_over(x.shape))
 
 
 def _op_samples():

@@ -79,6 +79,13 @@ def _sync_worker(rank, world):
     bn = fastdl.FusedBatchNorm2d(3, process_group=dist.group.WORLD)
     copied = copy.deepcopy(torch.nn.Sequential(bn))[0]
     results["deepcopy shares the group"] = copied.process_group is bn.process_group and copied is not bn
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    grad_x, = torch.autograd.grad(bn(x).square().sum(), x, create_graph=True)
+    try:
+        grad_x.square().sum().backward()
+        results["double backward refused"] = "no error"
+    except NotImplementedError as e:
+        results["double backward refused"] = str(e)
     return results
 
 
@@ -114,6 +121,12 @@ def test_two_processes_match_one_over_the_whole_batch(two_ranks, case):
 
 def test_deepcopy_shares_the_process_group(two_ranks):
     assert all(r["deepcopy shares the group"] for r in two_ranks)
+
+
+def test_double_backward_is_refused(two_ranks):
+    """A second derivative through synchronized batch norm raises, naming the op (never a wrong one)."""
+    for r in two_ranks:
+        assert r["double backward refused"].startswith("batch_norm_act with process_group: double backward")
 
 
 def test_the_sync_test_can_fail():

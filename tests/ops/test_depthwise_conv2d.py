@@ -1,5 +1,7 @@
 """fastdl depthwise conv2d (functional, DepthwiseConv2d, DepthwiseSeparableConv2d) against F.conv2d /
 torch.nn in float64."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -123,6 +125,49 @@ def test_gradcheck_cpu_kernel(layout, activation):
     def f(x, w, b):
         return torch.ops.fastdl.depthwise_conv2d_forward(x, w, b, scale, None, [2, 1], [1, 2], [1, 2], activation)
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("conv", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2)), ((2, 2), (0, 0), (1, 1))],
+                         ids=["s1", "s2x1-p1x2-d1x2", "s2-p0"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradgradcheck_cpu_kernel(layout, conv):
+    """Second derivatives in float64 (multiplier 2, with bias): the backward op's own derivatives
+    (the convolution and its gradients again) against finite differences of the gradients."""
+    g = torch.Generator().manual_seed(6)
+    x = lay_out(torch.randn(2, 3, 7, 6, generator=g, dtype=torch.float64), layout).requires_grad_()
+    w = torch.randn(6, 1, 3, 3, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_()
+    stride, padding, dilation = conv
+
+    def f(x, w, b):
+        return F.depthwise_conv2d(x, w, b, stride, padding, dilation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "autograd kernel was not registered": nothing dropped silently
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradient_penalty_matches_conv2d(layout, stride):
+    """A gradient penalty through depthwise conv -> relu -> depthwise conv (DepthwiseConv2d against
+    nn.Conv2d, float64): the weights' and biases' gradients of |d loss / d x|^2, and its
+    third-order term (the penalty's gradient with respect to x, differentiated once more)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 6, 3, stride, 1, groups=3), nn.Tanh(),
+                        nn.Conv2d(6, 6, 5, 1, 2, groups=6)).double()
+    ours = nn.Sequential(*(fastdl.DepthwiseConv2d.from_module(m) if isinstance(m, nn.Conv2d) else m for m in ref))
+    x = lay_out(torch.randn(2, 3, 9, 8, dtype=torch.float64), layout)
+    results = []
+    for model in (ref, ours):
+        xi = x.clone().requires_grad_()
+        grad_x, = torch.autograd.grad(model(xi).square().sum(), xi, create_graph=True)
+        penalty = grad_x.square().sum()
+        grads = torch.autograd.grad(penalty, [xi, *model.parameters()], create_graph=True)
+        third, = torch.autograd.grad(grads[0].square().sum(), xi)
+        results.append([*grads[1:], third])
+    names = [n for n, _ in ref.named_parameters()] + ["third-order grad_x"]
+    for name, got, want in zip(names, results[1], results[0]):
+        assert_close(name, got, want, n=x.numel())
 
 
 def test_weight_grad_is_deterministic():

@@ -84,7 +84,7 @@ def _pip_cuda_includes():
 def extension():
     with_cuda, why = _want_cuda()
     print(f"fastdl: CUDA objects {'on' if with_cuda else 'off'} ({why}); CUDA_HOME={CUDA_HOME}")
-    sources = ["csrc/fastdl.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fastdl.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     march = os.environ.get("FASTDL_CPU_ARCH", "native")
     cxx = ["-O3", f"-march={march}", "-fopenmp", "-DFASTDL_CPU_ARCH=" + march]
     args = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])

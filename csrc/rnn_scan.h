@@ -162,8 +162,9 @@ inline Tensor previous(const Args& a, const Tensor& seq, const Tensor& init, boo
 // The GEMMs. CPU float32 runs them through oneDNN, the library nn.LSTM's CPU kernel is built on,
 // reached through two ops PyTorch registers for it: `mkldnn::_reorder_linear_weight` packs W_hh
 // once per call into oneDNN's blocked layout, `mkldnn::_linear_pointwise` computes x w^T (+ b)
-// (x made contiguous; w packed, or dense and read in place, strided or not). At these shapes that
-// is ~2x MKL's sgemm where MKL takes a slow path (AMD CPUs: 150 vs 300-400 GFLOP/s on 2 cores).
+// (x made contiguous; w packed, or dense and read in place, strided or not). At large shapes that
+// is ~2x MKL's sgemm where MKL takes a slow path (AMD CPUs: 150 vs 300-400 GFLOP/s on 2 cores);
+// small GEMMs stay on MKL (use_onednn).
 // Everything else (double, CUDA, a torch without the ops or with another C++ signature for them,
 // torch.backends.mkldnn.enabled = False) runs ATen's mm (MKL / cuBLAS).
 using LinearFn = Tensor(const Tensor&, const Tensor&, const OptTensor&, c10::string_view,
@@ -192,8 +193,12 @@ inline const OneDnnOps& onednn_ops() {
   return ops;
 }
 
-inline bool use_onednn(const Tensor& t) {
-  return t.is_cpu() && t.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() &&
+// Whether a GEMM of `macs` multiply-adds on t's device and dtype runs on oneDNN. Each oneDNN call
+// costs a fixed ~30-40 us (measured on a 2-core AMD EPYC, w packed or not), several times a small
+// MKL GEMM: below 2^22 multiply-adds (e.g. 8 rows at H = 256) ATen's mm is as fast or faster.
+inline bool use_onednn(const Tensor& t, int64_t macs) {
+  constexpr int64_t kMinMacs = int64_t(1) << 22;
+  return t.is_cpu() && t.scalar_type() == at::kFloat && macs >= kMinMacs && at::globalContext().userEnabledMkldnn() &&
          onednn_ops().linear && onednn_ops().pack;
 }
 
@@ -231,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_forward(const Args& a, const Ten
   const int64_t GH = a.G * a.H, W = workspace_of(a.mode, a.H);
   const Tensor gx = gates_x.reshape({a.S, GH}).contiguous(), w_t = w_hh.t();
   const auto opts = gates_x.options();
-  const bool onednn = use_onednn(h0) && a.S > 0 && a.H > 0;
+  const bool onednn = use_onednn(h0, a.N * GH * a.H);
   const Tensor w = onednn ? onednn_pack(w_hh, a.N, a.T) : w_hh;
   const OptTensor b = onednn && b_hh.has_value() ? OptTensor(b_hh->contiguous()) : b_hh;
   Tensor out = empty_steps(a.S, a.H, opts), h = h0.contiguous().clone();
@@ -282,7 +287,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
   const bool lstm = a.mode == Mode::Lstm, gru = a.mode == Mode::Gru;
   const auto opts = output.options();
   const Tensor go = grad_output.reshape({a.S, a.H}).contiguous(), out = output.reshape({a.S, a.H}).contiguous();
-  const bool onednn = use_onednn(h0) && a.S > 0 && a.H > 0;
+  const bool onednn = use_onednn(h0, a.N * GH * a.H);
   // oneDNN computes x w^T: the carry dgx W_hh is dgx (W_hh^T)^T.
   const Tensor ws = workspace.contiguous(), w = onednn ? onednn_pack(w_hh.t(), a.N, a.T) : w_hh.contiguous();
   const Tensor h_prev = previous(a, out, h0, reverse);
@@ -306,7 +311,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
       at::mm_out(dhB, dgx.narrow(0, off, B), w);
     }
   }
-  Tensor grad_w_hh = onednn ? onednn_weight_grad(dgh, h_prev) : dgh.t().mm(h_prev);
+  Tensor grad_w_hh = use_onednn(h0, a.S * GH * a.H) ? onednn_weight_grad(dgh, h_prev) : dgh.t().mm(h_prev);
   Tensor grad_b_hh = dgh.sum(0);
   return {dgx.view(a.packed ? std::vector<int64_t>{a.S, GH} : std::vector<int64_t>{a.T, a.N, GH}), dh, dc,
           grad_w_hh, grad_b_hh};

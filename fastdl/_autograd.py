@@ -1,11 +1,12 @@
 """Higher-order autograd for the ops: a backward that is itself differentiable, or that refuses.
 
 An op's backward runs with grad mode on exactly when the caller asked for create_graph=True
-(a gradient penalty, a Hessian-vector product). Then each op either returns gradients that are
-differentiable (batch_norm_act and depthwise_conv2d: their backward op wrapped in an
-autograd.Function whose own backward is a formula of PyTorch ops, see `vjp`) or returns them
-through `refuse`, so that differentiating them again raises NotImplementedError naming the op.
-A second derivative is never silently missing a term.
+(a gradient penalty, a Hessian-vector product). The forward ops' C++ autograd
+(csrc/autograd/) then calls the backward op through its own autograd, registered in
+fastdl/ops/<op>.py: batch_norm_act's and depthwise_conv2d's is a derivative formula of PyTorch
+ops (`vjp`); attention's and rnn's raise NotImplementedError naming the op (`refused`), as do the
+gradients of a Python autograd.Function passed through `refuse` (synchronized batch norm). A
+second derivative is never silently missing a term.
 """
 import torch
 
@@ -32,6 +33,20 @@ def vjp(fn, primals, cotangents):
     return tuple(None if p is None else next(grads) for p in ins)
 
 
+def _refuse(op):
+    raise NotImplementedError(
+        f"{op}: double backward (differentiating its gradients, as torch.autograd.grad(..., create_graph=True) "
+        f"then backward does) is not implemented")
+
+
+def refused(op):
+    """A torch.library.register_autograd backward for op's backward op, which has no derivative:
+    it raises NotImplementedError naming op when a create_graph=True gradient is differentiated."""
+    def backward(ctx, *grads):
+        _refuse(op)
+    return backward
+
+
 class _Refused(torch.autograd.Function):
     """Passes gradients through; differentiating them raises NotImplementedError naming the op."""
 
@@ -42,15 +57,14 @@ class _Refused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{ctx.op}: double backward (differentiating its gradients, as torch.autograd.grad(..., "
-            f"create_graph=True) then backward does) is not implemented")
+        _refuse(ctx.op)
 
 
 def refuse(op, grads, inputs):
-    """`grads` (a tuple of tensors or None), computed by op's backward from `inputs` (the tensors
-    they depend on), as gradients that raise NotImplementedError when differentiated. Only with
-    grad mode on (create_graph=True) and an input requiring grad; else `grads` unchanged."""
+    """For an autograd.Function's backward: `grads` (a tuple of tensors or None), computed from
+    `inputs` (the tensors they depend on), as gradients that raise NotImplementedError naming op
+    when differentiated. Only with grad mode on (create_graph=True) and an input requiring grad;
+    else `grads` unchanged."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
         return grads
     present = [g for g in grads if g is not None]

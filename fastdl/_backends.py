@@ -37,10 +37,22 @@ def _names(dtypes):
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+_CHOSEN: dict = {}
+
+
 def choose(op: str, device_type: str, dtype: torch.dtype) -> Backend:
-    """The backend that runs `op` on tensors of `device_type` and `dtype` (a device assumed present).
-    Plain branching on constants, so torch.compile traces through it without a graph break."""
-    spec = OPS[op]
+    """The backend that runs `op` on tensors of `device_type` and `dtype` (a device assumed present),
+    decided once per (op, device type, dtype) and cached: what it depends on (the extension and
+    Triton loaded or not) is fixed at import. A dict lookup, so torch.compile traces through it
+    without a graph break."""
+    key = (op, device_type, dtype)
+    backend = _CHOSEN.get(key)
+    if backend is None:
+        backend = _CHOSEN[key] = _decide(OPS[op], device_type, dtype)
+    return backend
+
+
+def _decide(spec: OpSpec, device_type: str, dtype: torch.dtype) -> Backend:
     if not _extension.loaded():
         return Backend("reference", f"fastdl._C is not loaded ({_extension.LOAD_ERROR})")
     if device_type in ("cpu", "meta"):

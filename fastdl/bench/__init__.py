@@ -2,8 +2,9 @@
 pytest-benchmark files of benchmarks/ (`make bench`).
 
 One module per op stem holds that op's cases and steps (batch_norm_act, depthwise_conv2d,
-attention, rnn; models for the models of fastdl.models); harness.py times a step and measures its
-peak memory, and records the conditions of the run; report.py writes the table, bench.json,
-bench.md and bench.png; run.py is `fastdl bench`.
+attention, rnn; models for the models of fastdl.models; overhead for the per-call time of every op
+and module at a tiny shape); harness.py times a step and measures its peak memory, and records the
+conditions of the run; report.py writes the table, bench.json, bench.md and bench.png; run.py is
+`fastdl bench`.
 """
-STEMS = ("batch_norm_act", "depthwise_conv2d", "attention", "rnn", "models")
+STEMS = ("batch_norm_act", "depthwise_conv2d", "attention", "rnn", "models", "overhead")

@@ -2,8 +2,9 @@
 
 The fastdl::attention_forward / _backward schemas (csrc/fastdl.cpp) have C++ kernels for CPU
 (csrc/cpu/attention_api.cpp) and Triton launchers for CUDA (fastdl/triton/attention.py, registered
-here); the dispatcher picks one. This module adds their fake impls and autograd
-(torch.library.register_autograd: the forward op mutates nothing), the entry point `attention`,
+here); the dispatcher picks one. The forward op's autograd is C++ (csrc/autograd/attention.cpp);
+the backward op is not differentiable (a create_graph=True gradient raises when differentiated).
+This module adds their fake impls, the entry point `attention`,
 which routes to fastdl/reference/attention.py only when fastdl._backends says no kernel applies,
 and `attention_weights`, which rebuilds the probabilities from the saved log-sum-exp.
 """
@@ -79,7 +80,7 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, key_lengths=None, 
     """
     check_args(q, k, v, attn_mask, key_padding_mask, key_lengths, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64)
+    seed = seed if isinstance(seed, torch.Tensor) else _NO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask: gradients of a float attn_mask are not implemented; "
                                   "pass attn_mask.detach()")
@@ -159,24 +160,6 @@ def _fake_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, key
     return _like_output(q), _like_output(k), _like_output(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.options = (is_causal, scale, dropout_p)
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths, seed)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask, key_padding_mask, key_lengths, seed = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise NotImplementedError("attention_forward: gradients of attn_mask are not implemented")
-    with torch.no_grad():  # not differentiable: refused below
-        dq, dk, dv = torch.ops.fastdl.attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
-                                                         key_lengths, *ctx.options, seed)
-    return _autograd.refuse("attention", (dq, dk, dv), (grad_out, q, k, v)) + (None,) * 7
-
-
 def _checked_forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed):
     check_args(q, k, v, attn_mask, key_padding_mask, key_lengths, dropout_p)
     return _kernels.forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed)
@@ -199,7 +182,7 @@ def _checked_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, 
 if _extension.loaded():
     torch.library.register_fake("fastdl::attention_forward")(_fake_forward)
     torch.library.register_fake("fastdl::attention_backward")(_fake_backward)
-    torch.library.register_autograd("fastdl::attention_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fastdl::attention_backward", _autograd.refused("attention"))
     if _triton.AVAILABLE:
         from fastdl.triton import attention as _kernels
 
@@ -213,7 +196,10 @@ def new_seed(dropout_p):
     so that torch.compile keeps the draw in the graph."""
     if dropout_p > 0:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
-    return torch.zeros((), dtype=torch.int64)
+    return _NO_SEED
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # read only: one tensor for every call without dropout
 
 
 def _additive(name, mask, dtype, attend_when_true):

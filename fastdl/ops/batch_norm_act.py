@@ -2,10 +2,11 @@
 
 Registers, for the fastdl::batch_norm_act_forward / _backward and batch_norm_stats schemas of
 fastdl._C, fake impls and the Triton launchers as CUDA kernels (the CPU kernels are C++); the
-dispatcher picks CPU or CUDA. With a process group, training runs batch_norm_act_sync instead.
-Autograd is a thin autograd.Function over the two ops (the forward op mutates the running
-statistics, which torch.library.register_autograd does not allow). `batch_norm_act` routes to the
-reference only when fastdl._backends says no kernel applies.
+dispatcher picks CPU or CUDA. The forward op's autograd is C++ (csrc/autograd/batch_norm_act.cpp);
+the backward op's, which only a create_graph=True backward reaches, is registered here: its
+derivative formula (reference.batch_norm_act_backward). With a process group, training runs
+batch_norm_act_sync instead. `batch_norm_act` routes to the reference only when fastdl._backends
+says no kernel applies.
 """
 import torch
 
@@ -35,6 +36,8 @@ def _check_per_channel(name, t, x):
     if t is None:
         return
     C = x.shape[1]
+    if t.shape == (C,) and t.dtype == x.dtype and t.device == x.device:  # the common case, in three reads
+        return
     dtypes = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
     if tuple(t.shape) != (C,):
         raise ValueError(f"{name}: expected shape ({C},), one value per channel of input, got {tuple(t.shape)}")
@@ -95,12 +98,10 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, residual, trainin
     if backend == "reference":
         return reference.batch_norm_act(x, running_mean, running_var, weight, bias, residual, training,
                                         momentum, eps, activation, slope)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))):
-        # Inference (no_grad, or nothing requires grad): no autograd node and no mask for backward.
-        return torch.ops.fastdl.batch_norm_act_forward(x, weight, bias, residual, running_mean, running_var,
-                                                       training, momentum, eps, activation, slope, False)[0]
-    return _BatchNormAct.apply(x, weight, bias, residual, running_mean, running_var, training,
-                               momentum, eps, activation, slope)
+    # The op's Autograd kernel (csrc/autograd/batch_norm_act.cpp) records the node, and saves the
+    # mask, only when a gradient is to be taken.
+    return torch.ops.fastdl.batch_norm_act_forward(x, weight, bias, residual, running_mean, running_var, training,
+                                                   momentum, eps, activation, slope, False)[0]
 
 
 def _acc_dtype(dtype):
@@ -130,52 +131,21 @@ def _fake_backward(grad_out, x, weight, mean, invstd, mask, training, activation
             x.new_empty(C, dtype=mean.dtype), dres)
 
 
-class _BatchNormAct(torch.autograd.Function):
-    """Autograd around the two ops; the forward op also updates the running statistics in place."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, training, momentum, eps,
-                activation, slope):
-        save_mask = activation != "none" and any(ctx.needs_input_grad[:4])
-        y, mean, invstd, mask = torch.ops.fastdl.batch_norm_act_forward(
-            x, weight, bias, residual, running_mean, running_var, training, momentum, eps, activation,
-            slope, save_mask)
-        ctx.save_for_backward(x, weight, mean, invstd, mask)
-        ctx.training, ctx.activation, ctx.slope = training, activation, slope
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, mean, invstd, mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        backward = _BatchNormActBackward.apply if torch.is_grad_enabled() else torch.ops.fastdl.batch_norm_act_backward
-        dx, dw, db, dres = backward(grad_y, x, weight, mean, invstd, mask, ctx.training, ctx.activation, ctx.slope,
-                                    needs[3] and ctx.activation != "none")
-        if needs[3] and ctx.activation == "none":
-            dres = grad_y
-        dw = dw.to(weight.dtype) if needs[1] else None
-        db = db.to(weight.dtype) if needs[2] else None
-        return (dx if needs[0] else None, dw, db, dres if needs[3] else None) + (None,) * 7
+def _setup_backward(ctx, inputs, output):
+    grad_y, x, weight, mean, invstd, mask, training, activation, slope, residual_grad = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_y, x, weight, mean, invstd, mask)
+    ctx.options = (training, activation, slope)
+    ctx.residual_grad = residual_grad and activation != "none"  # else its output is empty
 
 
-class _BatchNormActBackward(torch.autograd.Function):
-    """fastdl::batch_norm_act_backward, differentiable (create_graph=True): the kernel computes the
-    gradients, their derivatives come from reference.batch_norm_act_backward's formula."""
-
-    @staticmethod
-    def forward(ctx, grad_y, x, weight, mean, invstd, mask, training, activation, slope, residual_grad):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_y, x, weight, mean, invstd, mask)
-        ctx.options = (training, activation, slope)
-        return torch.ops.fastdl.batch_norm_act_backward(grad_y, x, weight, mean, invstd, mask, training, activation,
-                                                        slope, residual_grad)
-
-    @staticmethod
-    def backward(ctx, gg_x, gg_weight, gg_bias, gg_residual):
-        grad_y, x, weight, mean, invstd, mask = ctx.saved_tensors
-        formula = lambda g, x, w: reference.batch_norm_act_backward(g, x, w, mean, invstd, mask, *ctx.options)
-        grads = _autograd.vjp(formula, (grad_y, x, weight), (gg_x, gg_weight, gg_bias, gg_residual))
-        return grads + (None,) * 7
+def _backward_backward(ctx, gg_x, gg_weight, gg_bias, gg_residual):
+    """The backward op's derivatives (create_graph=True), from reference.batch_norm_act_backward's
+    formula: in training, through x's batch statistics too."""
+    grad_y, x, weight, mean, invstd, mask = ctx.saved_tensors
+    formula = lambda g, x, w: reference.batch_norm_act_backward(g, x, w, mean, invstd, mask, *ctx.options)
+    gg_residual = gg_residual if ctx.residual_grad else None
+    return _autograd.vjp(formula, (grad_y, x, weight), (gg_x, gg_weight, gg_bias, gg_residual)) + (None,) * 7
 
 
 def _check_then(kernel, check):
@@ -211,6 +181,8 @@ if _extension.loaded():
     torch.library.register_fake("fastdl::batch_norm_act_forward")(_fake_forward)
     torch.library.register_fake("fastdl::batch_norm_act_backward")(_fake_backward)
     torch.library.register_fake("fastdl::batch_norm_stats")(_fake_stats)
+    torch.library.register_autograd("fastdl::batch_norm_act_backward", _backward_backward,
+                                    setup_context=_setup_backward)
     if _triton.AVAILABLE:
         from fastdl.triton import batch_norm_act as _kernels
 

@@ -2,10 +2,10 @@
 
 The fastdl::depthwise_conv2d_forward / _backward schemas have C++ kernels for CPU
 (csrc/cpu/depthwise_conv2d_api.cpp) and CUDA (csrc/cuda/depthwise_conv2d_api.cpp); the dispatcher
-picks one. This module adds their fake impls and autograd (torch.library.register_autograd: the
-forward op mutates nothing; the backward op differentiable in turn, for create_graph=True), and the entry point `depthwise_conv2d`, which resolves padding
-('same', 'valid', int, pair) and routes to the reference only when fastdl._backends says no kernel
-applies.
+picks one. The forward op's autograd is C++ (csrc/autograd/depthwise_conv2d.cpp). This module adds
+their fake impls, the backward op's autograd (reached only by a create_graph=True backward), and
+the entry point `depthwise_conv2d`, which resolves padding ('same', 'valid', int, pair) and routes
+to the reference only when fastdl._backends says no kernel applies.
 """
 import torch
 import torch.nn.functional as tF
@@ -118,75 +118,40 @@ def _fake_backward(grad_out, x, weight, stride, padding, dilation, output_mask):
     return grad_x, grad_weight
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, stride, padding, dilation, activation = inputs
-    ctx.conv = (stride, padding, dilation)
-    ctx.activation = activation
-    ctx.save_for_backward(x, weight, scale, output if activation != "none" else None)
-
-
-def _backward(ctx, grad_y):
-    """Gradients of x, weight, bias from act'(y) * scale * grad_y; scale and shift get none."""
-    x, weight, scale, y = ctx.saved_tensors
-    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-        raise NotImplementedError("depthwise_conv2d_forward: gradients of scale / shift are not implemented; "
-                                  "fastdl.functional.depthwise_conv2d applies a differentiable epilogue instead")
-    g = grad_y
-    if ctx.activation == "relu":
-        g = g * (y > 0)
-    elif ctx.activation == "relu6":
-        g = g * ((y > 0) & (y < 6))
-    if scale is not None:
-        g = g * scale.view(1, -1, 1, 1)
-    grad_x, grad_w = _conv_backward(g, x, weight, ctx.conv, list(ctx.needs_input_grad[:2]))
-    grad_b = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None, grad_b,
-            None, None, None, None, None, None)
-
-
 def _conv(x, weight, conv):
-    """conv(x, weight) with conv = (stride, padding, dilation); differentiable (register_autograd)."""
+    """conv(x, weight) with conv = (stride, padding, dilation); differentiable."""
     return torch.ops.fastdl.depthwise_conv2d_forward(x, weight, None, None, None, *conv, "none")
 
 
-def _conv_backward(grad_out, x, weight, conv, output_mask):
-    """fastdl::depthwise_conv2d_backward; with grad mode on (create_graph=True) differentiable."""
-    if torch.is_grad_enabled():
-        return _ConvBackward.apply(grad_out, x, weight, conv, tuple(output_mask))
-    return torch.ops.fastdl.depthwise_conv2d_backward(grad_out, x, weight, *conv, output_mask)
+def _setup_backward(ctx, inputs, output):
+    grad_out, x, weight, stride, padding, dilation, output_mask = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad_out, x, weight)
+    ctx.conv, ctx.output_mask = (stride, padding, dilation), output_mask
 
 
-class _ConvBackward(torch.autograd.Function):
-    """(grad_x, grad_weight) of conv(x, weight), differentiable: both are bilinear, grad_x in
-    (grad_out, weight) and grad_weight in (grad_out, x), so their derivatives are the convolution
-    and its two gradients again (<gg_x, grad_x> = <grad_out, conv(gg_x, weight)>, <gg_w, grad_w> =
-    <grad_out, conv(x, gg_w)>), each differentiable in turn."""
-
-    @staticmethod
-    def forward(ctx, grad_out, x, weight, conv, output_mask):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_out, x, weight)
-        ctx.conv, ctx.output_mask = conv, output_mask
-        return torch.ops.fastdl.depthwise_conv2d_backward(grad_out, x, weight, *conv, list(output_mask))
-
-    @staticmethod
-    def backward(ctx, gg_x, gg_w):
-        grad_out, x, weight = ctx.saved_tensors
-        needs, conv = ctx.needs_input_grad, ctx.conv
-        gg_x = gg_x if ctx.output_mask[0] else None
-        gg_w = gg_w if ctx.output_mask[1] else None
-        d_out = d_x = d_w = None
-        if gg_x is not None:
-            d_out = _conv(gg_x, weight, conv) if needs[0] else None
-            d_w = _conv_backward(grad_out, gg_x, weight, conv, [False, True])[1] if needs[2] else None
-        if gg_w is not None:
-            if needs[0]:
-                d_out = _conv(x, gg_w, conv) if d_out is None else d_out + _conv(x, gg_w, conv)
-            d_x = _conv_backward(grad_out, x, gg_w, conv, [True, False])[0] if needs[1] else None
-        return d_out, d_x, d_w, None, None
+def _backward_backward(ctx, gg_x, gg_w):
+    """The backward op's derivatives (create_graph=True). grad_x is bilinear in (grad_out, weight)
+    and grad_weight in (grad_out, x), so their derivatives are the convolution and its two
+    gradients again (<gg_x, grad_x> = <grad_out, conv(gg_x, weight)>, <gg_w, grad_weight> =
+    <grad_out, conv(x, gg_w)>), each differentiable in turn: every order is exact."""
+    grad_out, x, weight = ctx.saved_tensors
+    needs, conv, backward = ctx.needs_input_grad, ctx.conv, torch.ops.fastdl.depthwise_conv2d_backward
+    gg_x = gg_x if ctx.output_mask[0] else None
+    gg_w = gg_w if ctx.output_mask[1] else None
+    d_out = d_x = d_w = None
+    if gg_x is not None:
+        d_out = _conv(gg_x, weight, conv) if needs[0] else None
+        d_w = backward(grad_out, gg_x, weight, *conv, [False, True])[1] if needs[2] else None
+    if gg_w is not None:
+        if needs[0]:
+            d_out = _conv(x, gg_w, conv) if d_out is None else d_out + _conv(x, gg_w, conv)
+        d_x = backward(grad_out, x, gg_w, *conv, [True, False])[0] if needs[1] else None
+    return d_out, d_x, d_w, None, None, None, None
 
 
 if _extension.loaded():
     torch.library.register_fake("fastdl::depthwise_conv2d_forward")(_fake_forward)
     torch.library.register_fake("fastdl::depthwise_conv2d_backward")(_fake_backward)
-    torch.library.register_autograd("fastdl::depthwise_conv2d_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fastdl::depthwise_conv2d_backward", _backward_backward,
+                                    setup_context=_setup_backward)

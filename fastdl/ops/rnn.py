@@ -3,10 +3,11 @@
 The fastdl::rnn_forward / _backward schemas (csrc/fastdl.cpp) run one layer and direction given
 the input projections of every step; their C++ implementations for CPU (csrc/cpu/rnn_api.cpp) and
 CUDA (csrc/cuda/rnn_api.cpp) share the loop of csrc/rnn_scan.h (per step, the recurrent GEMM and
-one fused pointwise kernel), and the dispatcher picks one. This module adds their fake impls and
-autograd (torch.library.register_autograd), `scan` (one layer and direction, routed to
-fastdl/reference/rnn.py only when fastdl._backends says no kernel applies) and `rnn`, the stack of
-layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
+one fused pointwise kernel), and the dispatcher picks one. The forward op's autograd is C++
+(csrc/autograd/rnn.cpp); the backward op is not differentiable (a create_graph=True gradient
+raises when differentiated). This module adds their fake impls, `scan` (one layer and
+direction, routed to fastdl/reference/rnn.py only when fastdl._backends says no kernel applies)
+and `rnn`, the stack of layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
 """
 import torch
 import torch.nn.functional as tF
@@ -39,10 +40,14 @@ def scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse):
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_applies(x):
-    """Whether the input projection runs on oneDNN: CPU float32, oneDNN built and enabled, eager."""
+_ONEDNN_MIN_MACS = 1 << 22  # csrc/rnn_scan.h's use_onednn: below this, a oneDNN call's fixed cost loses to MKL
+
+
+def _onednn_applies(x, w):
+    """Whether the input projection x w^T runs on oneDNN: CPU float32, oneDNN built and enabled,
+    eager, and a GEMM large enough to pay for oneDNN's per-call cost."""
     return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and _HAS_ONEDNN and torch.backends.mkldnn.enabled)
+            and _HAS_ONEDNN and x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and torch.backends.mkldnn.enabled)
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -75,8 +80,12 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def project(x, w_ih, b_ih):
-    """gates_x = x w_ih^T + b_ih for x of (..., I): F.linear, or oneDNN on the CPU in float32."""
-    if not _onednn_applies(x):
+    """gates_x = x w_ih^T + b_ih for x of (..., I): F.linear, or oneDNN on the CPU in float32 for
+    large GEMMs."""
+    if not _onednn_applies(x, w_ih):
+        if torch.is_autocast_enabled(x.device.type):  # x is already in the dtype the layer runs in
+            with torch.autocast(x.device.type, enabled=False):
+                return tF.linear(x, w_ih, b_ih)
         return tF.linear(x, w_ih, b_ih)
     flat = x.reshape(-1, x.shape[-1])
     return _OneDnnLinear.apply(flat, w_ih, b_ih).view(*x.shape[:-1], w_ih.shape[0])
@@ -141,34 +150,7 @@ def _fake_backward(grad_output, grad_h_n, grad_c_n, batch_sizes, h0, c0, w_hh, o
             w_hh.new_empty((G * w_hh.shape[1],)))
 
 
-def _setup_context(ctx, inputs, output):
-    gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse, save_workspace = inputs
-    out, _, _, workspace = output
-    ctx.mode, ctx.reverse, ctx.has_workspace, ctx.has_bias = mode, reverse, save_workspace, b_hh is not None
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(batch_sizes, h0, c0, w_hh, out, workspace)
-
-
-def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_workspace):
-    """Backpropagation through time in one rnn_backward call; a double backward raises."""
-    batch_sizes, h0, c0, w_hh, out, workspace = ctx.saved_tensors
-    if not ctx.has_workspace:
-        raise RuntimeError("rnn_forward: called with save_workspace=False, so it cannot be differentiated")
-    lstm = ctx.mode == "lstm"
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-    grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n
-    if lstm and grad_c_n is None:
-        grad_c_n = torch.zeros_like(h0)
-    with torch.no_grad():  # not differentiable: refused below
-        dgx, dh0, dc0, dw_hh, db_hh = torch.ops.fastdl.rnn_backward(
-            grad_out, grad_h_n, grad_c_n if lstm else None, batch_sizes, h0, c0, w_hh, out, workspace, ctx.mode,
-            ctx.reverse)
-    grads = _autograd.refuse("rnn", (dgx, dh0, dc0 if lstm else None, dw_hh, db_hh if ctx.has_bias else None),
-                             (grad_out, grad_h_n, grad_c_n, h0, c0, w_hh, out))
-    return grads[0], None, *grads[1:], None, None, None
-
-
 if _extension.loaded():
     torch.library.register_fake("fastdl::rnn_forward")(_fake_forward)
     torch.library.register_fake("fastdl::rnn_backward")(_fake_backward)
-    torch.library.register_autograd("fastdl::rnn_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fastdl::rnn_backward", _autograd.refused("rnn"))

@@ -113,28 +113,44 @@ def test_train_steps_then_eval(shape, act, residual, layout, dtype):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("grad_mode", ["no_grad", "no-input-requires-grad"])
-def test_inference_runs_the_op_without_autograd(monkeypatch, training, grad_mode):
-    """With no gradient to compute, the forward op runs directly: no autograd node, and no mask
-    written for a backward that will not come (under no_grad, ctx.needs_input_grad would still say
-    the weight needs one)."""
+def test_inference_records_no_node_and_no_mask(training, grad_mode):
+    """With no gradient to compute, the op's Autograd kernel (C++) runs the kernel directly: no
+    autograd node, and no mask written for a backward that will not come; with one to compute, it
+    records the node and saves the mask whatever save_mask says. The module matches nn's."""
     pair = Pair(4, "relu", torch.float64).train(training)
-
-    def refuse(*args):
-        raise AssertionError("the autograd.Function ran although no gradient can be taken")
-    monkeypatch.setattr(F._bna._BatchNormAct, "apply", refuse)
     x, r = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    w, b, rm, rv = (pair.fused.weight, pair.fused.bias, pair.fused.running_mean.clone(),
+                    pair.fused.running_var.clone())
+    op = lambda x: torch.ops.fastdl.batch_norm_act_forward(x, w, b, r, rm, rv, training, 0.1, 1e-5, "relu", 0.01, False)
     if grad_mode == "no_grad":
         with torch.no_grad():
-            y = pair.fused(x, r)
+            y, *_, mask = op(x)
+            y_module = pair.fused(x, r)
     else:
         pair.fused.requires_grad_(False)
-        y = pair.fused(x, r)
+        y, *_, mask = op(x)
+        y_module = pair.fused(x, r)
+    assert y.grad_fn is None and y_module.grad_fn is None and mask.numel() == 0
     with torch.no_grad():
         want = tF.relu(pair.ref(x) + r)
-    assert y.grad_fn is None
-    assert_close("y", y, want, dtype=torch.float64)
+    assert_close("y", y_module, want, dtype=torch.float64)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert_close(name, getattr(pair.fused, name), getattr(pair.ref, name), dtype=torch.float64, n=18)
+    y, *_, mask = op(x.requires_grad_())
+    assert y.grad_fn is not None and mask.shape == x.shape
+
+
+def test_running_statistics_version_is_bumped():
+    """The forward op updates the running statistics in place: like an in-place ATen op it bumps
+    their version counters (in training only), so autograd notices if a saved one was changed."""
+    bn = fastdl.FusedBatchNorm2d(3, activation="relu")
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    before = bn.running_mean._version, bn.running_var._version
+    bn(x)
+    assert (bn.running_mean._version, bn.running_var._version) == (before[0] + 1, before[1] + 1)
+    bn.eval()
+    bn(x)
+    assert (bn.running_mean._version, bn.running_var._version) == (before[0] + 1, before[1] + 1)
 
 
 def test_output_keeps_memory_format():

@@ -193,13 +193,14 @@ inline const OneDnnOps& onednn_ops() {
   return ops;
 }
 
-// Whether a GEMM of `macs` multiply-adds on t's device and dtype runs on oneDNN. Each oneDNN call
-// costs a fixed ~30-40 us (measured on a 2-core AMD EPYC, w packed or not), several times a small
-// MKL GEMM: below 2^22 multiply-adds (e.g. 8 rows at H = 256) ATen's mm is as fast or faster.
-inline bool use_onednn(const Tensor& t, int64_t macs) {
-  constexpr int64_t kMinMacs = int64_t(1) << 22;
-  return t.is_cpu() && t.scalar_type() == at::kFloat && macs >= kMinMacs && at::globalContext().userEnabledMkldnn() &&
-         onednn_ops().linear && onednn_ops().pack;
+// Whether a (rows x inner) by (inner x cols) GEMM on t's device and dtype runs on oneDNN. Each
+// oneDNN call costs a fixed ~30-40 us (measured on a 2-core AVX2 AMD EPYC, w packed or not), and
+// at an inner size below 256 it is slower than MKL even past that: it pays from 2^21
+// multiply-adds at inner >= 256 (8 rows at H = 256 for an LSTM step); smaller GEMMs run ATen's mm.
+inline bool use_onednn(const Tensor& t, int64_t rows, int64_t cols, int64_t inner) {
+  constexpr int64_t kMinMacs = int64_t(1) << 21, kMinInner = 256;
+  return t.is_cpu() && t.scalar_type() == at::kFloat && inner >= kMinInner && rows * cols * inner >= kMinMacs &&
+         at::globalContext().userEnabledMkldnn() && onednn_ops().linear && onednn_ops().pack;
 }
 
 // w (out, in) packed for x w^T with x of about `rows` rows (use_onednn must hold).
@@ -236,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scan_forward(const Args& a, const Ten
   const int64_t GH = a.G * a.H, W = workspace_of(a.mode, a.H);
   const Tensor gx = gates_x.reshape({a.S, GH}).contiguous(), w_t = w_hh.t();
   const auto opts = gates_x.options();
-  const bool onednn = use_onednn(h0, a.N * GH * a.H);
+  const bool onednn = use_onednn(h0, a.N, GH, a.H);
   const Tensor w = onednn ? onednn_pack(w_hh, a.N, a.T) : w_hh;
   const OptTensor b = onednn && b_hh.has_value() ? OptTensor(b_hh->contiguous()) : b_hh;
   Tensor out = empty_steps(a.S, a.H, opts), h = h0.contiguous().clone();
@@ -287,7 +288,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
   const bool lstm = a.mode == Mode::Lstm, gru = a.mode == Mode::Gru;
   const auto opts = output.options();
   const Tensor go = grad_output.reshape({a.S, a.H}).contiguous(), out = output.reshape({a.S, a.H}).contiguous();
-  const bool onednn = use_onednn(h0, a.N * GH * a.H);
+  const bool onednn = use_onednn(h0, a.N, a.H, GH);
   // oneDNN computes x w^T: the carry dgx W_hh is dgx (W_hh^T)^T.
   const Tensor ws = workspace.contiguous(), w = onednn ? onednn_pack(w_hh.t(), a.N, a.T) : w_hh.contiguous();
   const Tensor h_prev = previous(a, out, h0, reverse);
@@ -311,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> scan_backward(
       at::mm_out(dhB, dgx.narrow(0, off, B), w);
     }
   }
-  Tensor grad_w_hh = use_onednn(h0, a.S * GH * a.H) ? onednn_weight_grad(dgh, h_prev) : dgh.t().mm(h_prev);
+  Tensor grad_w_hh = use_onednn(h0, GH, a.H, a.S) ? onednn_weight_grad(dgh, h_prev) : dgh.t().mm(h_prev);
   Tensor grad_b_hh = dgh.sum(0);
   return {dgx.view(a.packed ? std::vector<int64_t>{a.S, GH} : std::vector<int64_t>{a.T, a.N, GH}), dh, dc,
           grad_w_hh, grad_b_hh};

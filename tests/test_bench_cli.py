@@ -14,7 +14,7 @@ from fastdl import __main__ as cli
 from fastdl.bench import STEMS, harness, report, rnn, run
 
 PNG = b"\x89PNG\r\n\x1a\n"
-KEYS = ("device", "device_name", "versions", "commit", "date", "threads", "timer", "dtype", "quick", "cases")
+KEYS = ("device", "device_name", "cpu", "cpu_isa", "versions", "commit", "date", "threads", "timer", "dtype", "quick", "cases")
 ROW_KEYS = ("op", "name", "median_s", "peak_bytes", "eager_over_fastdl", "compile_over_fastdl", "skipped")
 
 
@@ -40,6 +40,9 @@ def test_json_holds_the_conditions_and_a_row_per_case(bench_run):
     assert all(key in result for key in KEYS), [key for key in KEYS if key not in result]
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["quick"] is True
     assert all(result["versions"][name] for name in ("fastdl", "torch", "python"))
+    assert set(result["cpu_isa"]) <= set(harness.ISA_FLAGS) and result["cpu"]
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    assert ("avx2" in result["cpu_isa"]) == (" avx2 " in flags.replace("\n", " "))
     assert [row["name"] for row in result["cases"]] == ["N2-C3-H5-W4-fp32-eval-fwd", "gru-T3-N2-I4-H5-fp32-fwd+bwd"]
     for row in result["cases"]:
         assert all(key in row for key in ROW_KEYS), [key for key in ROW_KEYS if key not in row]

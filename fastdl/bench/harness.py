@@ -204,12 +204,30 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
+# The x86 vector extensions the CPU kernels' speed depends on, as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+
+
+def cpu_isa():
+    """The ISA_FLAGS this CPU reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def conditions(device, cpu_timer):
-    """What a reader needs to compare two result files: device, versions, commit, date, threads,
-    and how times were taken (`cpu_timer` describes the CPU timer)."""
+    """What a reader needs to compare two result files: device (and the CPU's model and vector
+    extensions: the CPU kernels' speed differs between AVX2 and AVX-512), versions, commit, date,
+    threads, and how times were taken (`cpu_timer` describes the CPU timer)."""
     info = fastdl.info()
     return dict(
-        device=device.type, device_name=device_name(device), versions=info["versions"],
+        device=device.type, device_name=device_name(device), cpu=device_name(torch.device("cpu")),
+        cpu_isa=cpu_isa(), versions=info["versions"],
         commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         threads=torch.get_num_threads(), extension_build=info["extension"]["build"],
         timer="triton.testing.do_bench median (CUDA events, L2 flushed)" if device.type == "cuda" else cpu_timer,

@@ -87,8 +87,8 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, key_lengths=None, 
     if _backends.choose(SPEC.name, q.device.type, q.dtype).name == "reference":
         return reference.attention(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale,
                                    dropout_p, seed)
-    return torch.ops.fastdl.attention_forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal,
-                                              scale, float(dropout_p), seed)
+    return torch.ops.fastdl.attention_forward.default(q, k, v, attn_mask, key_padding_mask, key_lengths,
+                                                      is_causal, scale, float(dropout_p), seed)
 
 
 class _Undifferentiable(torch.autograd.Function):

@@ -100,8 +100,8 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, residual, trainin
                                         momentum, eps, activation, slope)
     # The op's Autograd kernel (csrc/autograd/batch_norm_act.cpp) records the node, and saves the
     # mask, only when a gradient is to be taken.
-    return torch.ops.fastdl.batch_norm_act_forward(x, weight, bias, residual, running_mean, running_var, training,
-                                                   momentum, eps, activation, slope, False)[0]
+    return torch.ops.fastdl.batch_norm_act_forward.default(x, weight, bias, residual, running_mean, running_var,
+                                                           training, momentum, eps, activation, slope, False)[0]
 
 
 def _acc_dtype(dtype):

@@ -101,10 +101,11 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, scal
     epilogue = scale is not None or shift is not None or activation != "none"
     if epilogue and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
-        z = torch.ops.fastdl.depthwise_conv2d_forward(x, weight, bias, None, None, stride, padding, dilation, "none")
+        z = torch.ops.fastdl.depthwise_conv2d_forward.default(x, weight, bias, None, None, stride, padding,
+                                                              dilation, "none")
         return reference.epilogue(z, scale, shift, activation)
-    return torch.ops.fastdl.depthwise_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation,
-                                                     activation)
+    return torch.ops.fastdl.depthwise_conv2d_forward.default(x, weight, bias, scale, shift, stride, padding,
+                                                             dilation, activation)
 
 
 def _fake_forward(x, weight, bias, scale, shift, stride, padding, dilation, activation):
@@ -120,7 +121,7 @@ def _fake_backward(grad_out, x, weight, stride, padding, dilation, output_mask):
 
 def _conv(x, weight, conv):
     """conv(x, weight) with conv = (stride, padding, dilation); differentiable."""
-    return torch.ops.fastdl.depthwise_conv2d_forward(x, weight, None, None, None, *conv, "none")
+    return torch.ops.fastdl.depthwise_conv2d_forward.default(x, weight, None, None, None, *conv, "none")
 
 
 def _setup_backward(ctx, inputs, output):

@@ -33,14 +33,15 @@ def scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse):
     if _backends.choose(SPEC.name, h0.device.type, h0.dtype).name == "reference":
         return reference.scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates_x, h0, c0, w_hh, b_hh))
-    out, h_n, c_n, _ = torch.ops.fastdl.rnn_forward(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse, save)
+    out, h_n, c_n, _ = torch.ops.fastdl.rnn_forward.default(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse,
+                                                            save)
     return out, h_n, c_n if mode == "lstm" else None
 
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-_ONEDNN_MIN_MACS = 1 << 22  # csrc/rnn_scan.h's use_onednn: below this, a oneDNN call's fixed cost loses to MKL
+_ONEDNN_MIN_MACS = 1 << 22  # below this a oneDNN call's fixed cost (~35 us) loses to MKL (see csrc/rnn_scan.h)
 
 
 def _onednn_applies(x, w):

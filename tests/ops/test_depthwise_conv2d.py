@@ -1,5 +1,6 @@
 """fastdl depthwise conv2d (functional, DepthwiseConv2d, DepthwiseSeparableConv2d) against F.conv2d /
 torch.nn in float64."""
+import types
 import warnings
 
 import pytest
@@ -275,13 +276,13 @@ def test_separable_block_matches_sequential(activation, layout):
 def test_separable_eval_runs_the_fused_epilogue(monkeypatch):
     block = fastdl.DepthwiseSeparableConv2d(4, 6).eval()
     calls = []
-    real = torch.ops.fastdl.depthwise_conv2d_forward
+    real = torch.ops.fastdl.depthwise_conv2d_forward.default
 
     def spy(*args):
         calls.append(args[3] is not None and args[8] == "relu")
         return real(*args)
-    monkeypatch.setattr(fastdl.ops.depthwise_conv2d.torch.ops.fastdl, "depthwise_conv2d_forward", spy,
-                        raising=False)
+    monkeypatch.setattr(fastdl.ops.depthwise_conv2d.torch.ops.fastdl, "depthwise_conv2d_forward",
+                        types.SimpleNamespace(default=spy), raising=False)
     with torch.no_grad():
         block(torch.randn(2, 4, 5, 5))
     assert calls == [True]

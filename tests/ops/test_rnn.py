@@ -213,3 +213,12 @@ def test_bad_input_is_named(fn, exc, msg):
 @pytest.mark.parametrize("mode", MODES)
 def test_cuda_scan_matches_reference(mode, shape, reverse, dtype):
     compare_scan(mode, shape, reverse, dtype, "cuda")
+
+
+def test_small_input_projections_stay_off_onednn():
+    """oneDNN's fixed per-call cost loses to MKL for small GEMMs: a cell step's input projection
+    (1 x 16 by 64 x 16) runs F.linear; a layer's (T * N x 512 by 2048 x 512) oneDNN, where built."""
+    small, w_small = torch.randn(1, 16), torch.randn(64, 16)
+    large, w_large = torch.randn(100 * 64, 512), torch.randn(2048, 512)
+    assert not ops._onednn_applies(small, w_small)
+    assert ops._onednn_applies(large, w_large) == (ops._HAS_ONEDNN and torch.backends.mkldnn.enabled)

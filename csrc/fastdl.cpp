@@ -89,6 +89,13 @@ TORCH_LIBRARY(fastdl, m) {
   m.def(
       "rnn_forward(Tensor gates_x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, "
       "str mode, bool reverse, bool save_workspace) -> (Tensor, Tensor, Tensor, Tensor)");
+  // One step of nn.LSTMCell / GRUCell / RNNCell (csrc/autograd/rnn_cell.cpp, composite: at::linear
+  // then rnn_forward). input (N, I) or (I,); h0, c0 (c0 for "lstm" only) like input with H
+  // features, or None for zeros; w_ih (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,) or None.
+  // Returns (h', c' for "lstm" else empty), shaped like h0.
+  m.def(
+      "rnn_cell(Tensor input, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "str mode) -> (Tensor, Tensor)");
   // Backpropagation through time over rnn_forward's steps; grad_c_n is read for "lstm" only.
   // Returns (grad_gates_x, grad_h0, grad_c0 (empty unless "lstm"), grad_w_hh, grad_b_hh).
   m.def(

@@ -110,9 +110,9 @@ Dropout checked_dropout(double dropout_p, const Tensor& seed) {
   TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
                     "seed: expected an int64 tensor of one element on the CPU, got ", seed.scalar_type(), " ",
                     seed.sizes(), " on ", seed.device());
+  // The seed is read (a synchronous item(), ~1 us) only when there is dropout to draw.
   return {dropout_p > 0.0, static_cast<uint32_t>(dropout_p * 16777216.0),
-          static_cast<uint64_t>(seed.item<int64_t>()),
-          1.0 / (1.0 - dropout_p)};
+          dropout_p > 0.0 ? static_cast<uint64_t>(seed.item<int64_t>()) : uint64_t(0), 1.0 / (1.0 - dropout_p)};
 }
 
 std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,

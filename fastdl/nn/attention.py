@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as tF
 from torch import nn
 
+from fastdl._tensor import same_device
 from fastdl.nn._share import share_parameters
 from fastdl.ops import attention as _attn
 
@@ -82,6 +83,7 @@ class FusedAttention(nn.MultiheadAttention):
             raise ValueError("query: expected (L, N, E), (N, L, E) with batch_first, or unbatched (L, E); got "
                              f"{tuple(query.shape) if isinstance(query, torch.Tensor) else type(query).__name__}")
         batched = query.dim() == 3
+        param = self.out_proj.weight
         for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if not isinstance(t, torch.Tensor) or t.dim() != query.dim():
                 raise ValueError(f"{name}: expected {query.dim()} dims like query, got "
@@ -91,8 +93,8 @@ class FusedAttention(nn.MultiheadAttention):
                                  f"{'embed_dim' if name == 'query' else name[0] + 'dim'}), got {t.shape[-1]}")
             if not t.is_floating_point():
                 raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
-            if t.device != self.out_proj.weight.device:
-                raise ValueError(f"{name}: expected the module's device {self.out_proj.weight.device}, got {t.device}")
+            if not same_device(t, param):
+                raise ValueError(f"{name}: expected the module's device {param.device}, got {t.device}")
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"value: expected key's sequence and batch sizes {tuple(key.shape[:-1])}, "
                              f"got {tuple(value.shape[:-1])}")

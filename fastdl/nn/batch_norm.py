@@ -58,18 +58,29 @@ class FusedBatchNorm2d(_BatchNorm):
         if input.shape[1] != self.num_features:
             raise ValueError(f"input: expected {self.num_features} channels (num_features), got {input.shape[1]}")
 
+    def _state(self):
+        """(weight, bias, running_mean, running_var, num_batches_tracked), None where absent: from the
+        _parameters / _buffers dicts (nn.Module.__getattr__ costs ~2 us a name, as much as a small
+        batch's kernel), through getattr where a parametrization replaced one."""
+        p, b = self._parameters, self._buffers
+        try:
+            return p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"]
+        except KeyError:
+            return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
+
     def forward(self, input, residual=None):
         self._check_input_dim(input)
+        weight, bias, running_mean, running_var, tracked = self._state()
         # Momentum and statistics bookkeeping exactly as nn.BatchNorm2d.
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if self.training and self.track_running_stats and tracked is not None:
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (running_mean is None and running_var is None)
         use_running = not self.training or self.track_running_stats
         return F.batch_norm_act(
-            input, self.running_mean if use_running else None, self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, factor, self.eps, residual=residual,
+            input, running_mean if use_running else None, running_var if use_running else None,
+            weight, bias, bn_training, factor, self.eps, residual=residual,
             activation=self.activation, negative_slope=self.negative_slope,
             process_group=self.process_group if self.training else None)  # nn.SyncBatchNorm syncs in train mode only
 

@@ -13,11 +13,38 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastdl._tensor import autocast_dtype, cast_all
+from fastdl._tensor import autocast_dtype, cast_all, same_device
 from fastdl.nn._share import share_parameters
 from fastdl.ops import rnn as _rnn
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+
+
+_LAYER_NAMES: dict = {}
+
+
+def _layer_names(num_layers, bidirectional, bias):
+    """Per layer and direction, the names of (w_ih, w_hh[, b_ih, b_hh]) in nn.RNNBase's scheme
+    (made once per configuration; a dict, which torch.compile traces through)."""
+    key = (num_layers, bidirectional, bias)
+    names = _LAYER_NAMES.get(key)
+    if names is None:
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if bias else 2]
+        names = _LAYER_NAMES[key] = tuple(
+            tuple(f"{k}_l{layer}{suffix}" for k in kinds)
+            for layer in range(num_layers) for suffix in ("", "_reverse")[:2 if bidirectional else 1])
+    return names
+
+
+def _parameters(module, names):
+    """module's parameters of these names. Read from module._parameters, a dict lookup where
+    nn.Module.__getattr__ costs about 2 us a name at small shapes; through getattr when a name is
+    not there (a parametrization or weight_norm replaced it)."""
+    p = module._parameters
+    try:
+        return tuple(p[n] for n in names)
+    except KeyError:
+        return tuple(getattr(module, n) for n in names)
 
 
 def _check_state(name, t, shape, like):
@@ -28,21 +55,20 @@ def _check_state(name, t, shape, like):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype != like.dtype:
         raise TypeError(f"{name}: expected dtype {like.dtype} (input's), got {t.dtype}")
-    if t.device != like.device:
+    if not same_device(t, like):
         raise ValueError(f"{name}: expected device {like.device} (input's), got {t.device}")
 
 
-def _check_input(x, module, dims):
-    """x: a floating tensor of `dims` dims ending in input_size, of the module's dtype and device."""
-    p = module.weight_ih_l0 if hasattr(module, "weight_ih_l0") else module.weight_ih
+def _check_input(x, p, input_size, dims):
+    """x: a floating tensor of `dims` dims ending in input_size, of parameter p's dtype and device."""
     if not isinstance(x, torch.Tensor) or x.dim() not in dims:
         got = f"{x.dim()}-D" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"input: expected {' or '.join(f'{d}-D' for d in dims)}, got {got}")
-    if x.shape[-1] != module.input_size:
-        raise ValueError(f"input: expected size {module.input_size} (input_size) in its last dim, got {x.shape[-1]}")
+    if x.shape[-1] != input_size:
+        raise ValueError(f"input: expected size {input_size} (input_size) in its last dim, got {x.shape[-1]}")
     if x.dtype != p.dtype:
         raise TypeError(f"input: expected dtype {p.dtype} (the module's parameters'), got {x.dtype}")
-    if x.device != p.device:
+    if not same_device(x, p):
         raise ValueError(f"input: expected device {p.device} (the module's parameters'), got {x.device}")
 
 
@@ -68,26 +94,22 @@ class _FusedRNNBase:
 
     def _weights(self):
         """Per layer and direction: (w_ih, w_hh, b_ih, b_hh), biases None without bias."""
-        out = []
-        for layer in range(self.num_layers):
-            for suffix in ("", "_reverse")[:2 if self.bidirectional else 1]:
-                names = [f"{kind}_{g}_l{layer}{suffix}" for kind, g in
-                         (("weight", "ih"), ("weight", "hh"), ("bias", "ih"), ("bias", "hh"))]
-                out.append(tuple(getattr(self, n) if self.bias or n.startswith("weight") else None for n in names))
-        return out
+        return [_parameters(self, names) + ((None, None) if len(names) == 2 else ())
+                for names in _layer_names(self.num_layers, self.bidirectional, self.bias)]
 
     def forward(self, input, hx=None):
         """input: (T, N, input_size) ((N, T, input_size) if batch_first), (T, input_size) unbatched, or
         a PackedSequence; hx: (num_layers * D, N, hidden_size) (a pair (h_0, c_0) for FusedLSTM), or
         None for zeros. Returns (output, h_n) (output, (h_n, c_n) for FusedLSTM), shaped as nn's."""
         lstm = self.mode == "LSTM"
+        weights = self._weights()
         packed = isinstance(input, PackedSequence)
         if packed:
             x, batch_sizes, sorted_indices, unsorted_indices = input
-            _check_input(x, self, (2,))
+            _check_input(x, weights[0][0], self.input_size, (2,))
             batched, N = True, int(batch_sizes[0])
         else:
-            _check_input(input, self, (2, 3))
+            _check_input(input, weights[0][0], self.input_size, (2, 3))
             batch_sizes = sorted_indices = unsorted_indices = None
             batched = input.dim() == 3
             x = input.unsqueeze(1) if not batched else input.transpose(0, 1) if self.batch_first else input
@@ -100,7 +122,7 @@ class _FusedRNNBase:
         if sorted_indices is not None:
             states = [s.index_select(1, sorted_indices) for s in states]
         out, h_n, c_n = _rnn.rnn(_MODES[self.mode], x, batch_sizes, states[0], states[1] if lstm else None,
-                                 self._weights(), self.num_layers, self.bidirectional, self.dropout, self.training)
+                                 weights, self.num_layers, self.bidirectional, self.dropout, self.training)
         states = [h_n, c_n] if lstm else [h_n]
         if packed:
             out = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
@@ -115,7 +137,7 @@ class _FusedRNNBase:
     def _initial_states(self, hx, shape, x, lstm):
         """[h_0] or [h_0, c_0] of `shape`, zeros when hx is None, checked against x."""
         if hx is None:
-            zeros = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            zeros = x.new_zeros(shape)
             return [zeros, zeros] if lstm else [zeros]
         if lstm:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -179,27 +201,36 @@ class _FusedCellBase:
 
     def _step(self, mode, input, hx):
         """(h', c' or None) for input (N, input_size) or (input_size,) and hx as nn's cells take it."""
-        _check_input(input, self, (1, 2))
+        lstm = mode == "lstm"
+        if lstm and hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError(f"hx: expected a pair (h, c) for {type(self).__name__}, got {type(hx).__name__}")
+        h0, c0 = (None, None) if hx is None else hx if lstm else (hx, None)
+        p = self._parameters  # see _parameters; spelt out: a generator costs microseconds here
+        try:
+            w_ih, w_hh, b_ih, b_hh = p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        except KeyError:
+            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        if (isinstance(input, torch.Tensor) and (h0 is None or isinstance(h0, torch.Tensor))
+                and (c0 is None or isinstance(c0, torch.Tensor)) and _rnn.cell_is_fused(input)):
+            return _rnn.cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh, mode)
+        # Under autocast, or without a kernel for input's device and dtype: the checks here, then the
+        # projection and the step as the layers run them.
+        _check_input(input, w_ih, self.input_size, (1, 2))
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
-        shape = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
-        lstm = mode == "lstm"
         if hx is None:
-            h0 = c0 = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+            h0 = x.new_zeros(x.shape[0], self.hidden_size)
+            c0 = h0 if lstm else None
         else:
-            pair = tuple(hx) if lstm and isinstance(hx, (tuple, list)) and len(hx) == 2 else None
-            if lstm and pair is None:
-                raise TypeError(f"hx: expected a pair (h, c) for {type(self).__name__}, got {type(hx).__name__}")
-            states = pair if lstm else (hx,)
-            for name, t in zip(("hx[0] (h)", "hx[1] (c)") if lstm else ("hx",), states):
+            shape = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+            for name, t in zip(("hx[0] (h)", "hx[1] (c)") if lstm else ("hx",), (h0, c0)):
                 _check_state(name, t, shape, x)
-            states = [t if batched else t.unsqueeze(0) for t in states]
-            h0, c0 = states[0], states[1] if lstm else None
-        low = autocast_dtype(x.device.type) if _rnn.autocast_runs_low(mode, x.device.type, cell=True) else None
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = cast_all(low, x, h0, c0 if lstm else None, self.weight_ih,
-                                                     self.weight_hh, self.bias_ih, self.bias_hh)
-        gates_x = _rnn.project(x, w_ih, b_ih).unsqueeze(0)
-        _, h, c = _rnn.scan(gates_x, None, h0, c0, w_hh, b_hh, mode, False)
+            if not batched:
+                h0, c0 = h0.unsqueeze(0), c0.unsqueeze(0) if lstm else None
+        if _rnn.autocast_runs_low(mode, x.device.type, cell=True):
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh = cast_all(autocast_dtype(x.device.type), x, h0, c0, w_ih, w_hh, b_ih,
+                                                         b_hh)
+        _, h, c = _rnn.scan(_rnn.project(x, w_ih, b_ih).unsqueeze(0), None, h0, c0, w_hh, b_hh, mode, False)
         return (h, c) if batched else (h.squeeze(0), None if c is None else c.squeeze(0))
 
 

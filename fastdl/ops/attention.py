@@ -14,6 +14,7 @@ import torch
 
 import fastdl.triton as _triton
 from fastdl import _autograd, _backends, _extension
+from fastdl._tensor import device_type, same_device
 from fastdl.reference import attention as reference
 
 SPEC = _backends.register(_backends.OpSpec(
@@ -23,7 +24,7 @@ SPEC = _backends.register(_backends.OpSpec(
 
 
 def _same_device(name, t, q):
-    if t.device != q.device:
+    if not same_device(t, q):
         raise ValueError(f"{name}: expected device {q.device} (query's), got {t.device}")
 
 
@@ -84,7 +85,7 @@ def attention(q, k, v, attn_mask=None, key_padding_mask=None, key_lengths=None, 
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("attn_mask: gradients of a float attn_mask are not implemented; "
                                   "pass attn_mask.detach()")
-    if _backends.choose(SPEC.name, q.device.type, q.dtype).name == "reference":
+    if _backends.choose(SPEC.name, device_type(q), q.dtype).name == "reference":
         return reference.attention(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale,
                                    dropout_p, seed)
     return torch.ops.fastdl.attention_forward.default(q, k, v, attn_mask, key_padding_mask, key_lengths,

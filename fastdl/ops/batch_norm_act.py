@@ -12,7 +12,7 @@ import torch
 
 import fastdl.triton as _triton
 from fastdl import _autograd, _backends, _extension
-from fastdl._tensor import memory_format_of
+from fastdl._tensor import device_type, memory_format_of, same_device
 from fastdl.reference import batch_norm_act as reference
 
 ACTIVATIONS = ("none", "relu", "relu6", "leaky_relu")
@@ -36,7 +36,7 @@ def _check_per_channel(name, t, x):
     if t is None:
         return
     C = x.shape[1]
-    if t.shape == (C,) and t.dtype == x.dtype and t.device == x.device:  # the common case, in three reads
+    if t.shape == (C,) and t.dtype == x.dtype and same_device(t, x):  # the common case, in three reads
         return
     dtypes = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
     if tuple(t.shape) != (C,):
@@ -53,7 +53,7 @@ def _check_like_input(name, t, x):
         raise ValueError(f"{name}: expected shape {tuple(x.shape)} (input's), got {got}")
     if t.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} (input's), got {t.dtype}")
-    if t.device != x.device:
+    if not same_device(t, x):
         raise ValueError(f"{name}: expected device {x.device} (input's), got {t.device}")
 
 
@@ -89,7 +89,7 @@ def batch_norm_act(x, running_mean, running_var, weight, bias, residual, trainin
     semantics). Returns y, x's shape and memory format.
     """
     check_args(x, running_mean, running_var, weight, bias, residual, training, activation)
-    backend = _backends.choose(SPEC.name, x.device.type, x.dtype).name
+    backend = _backends.choose(SPEC.name, device_type(x), x.dtype).name
     if training and process_group is not None:
         from fastdl.ops import batch_norm_act_sync
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as tF
 
 from fastdl import _backends, _extension
-from fastdl._tensor import autocast_dtype, cast_all, memory_format_of
+from fastdl._tensor import autocast_dtype, cast_all, device_type, memory_format_of, same_device
 from fastdl.reference import depthwise_conv2d as reference
 
 ACTIVATIONS = ("none", "relu", "relu6")
@@ -62,7 +62,7 @@ def check_args(x, weight, bias, scale, shift, activation):
                              f"got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name}: expected dtype {x.dtype} (input's), got {t.dtype}")
-        if t.device != x.device:
+        if not same_device(t, x):
             raise ValueError(f"{name}: expected device {x.device} (input's), got {t.device}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -89,14 +89,14 @@ def depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, scal
     to take, the epilogue runs as separate differentiable PyTorch ops after the kernel. Under
     torch.autocast it runs in autocast's lower-precision dtype, as nn.Conv2d does.
     """
-    x, weight, bias, scale, shift = cast_all(autocast_dtype(x.device.type), x, weight, bias, scale, shift)
+    x, weight, bias, scale, shift = cast_all(autocast_dtype(device_type(x)), x, weight, bias, scale, shift)
     check_args(x, weight, bias, scale, shift, activation)
     stride, dilation = _pair("stride", stride, 1), _pair("dilation", dilation, 1)
     padding, extra = resolve_padding(padding, tuple(weight.shape[2:]), stride, dilation)
     if extra != (0, 0):  # 'same' with an even dilated kernel: the odd zero row / column first
         x = tF.pad(x, (0, extra[0], 0, extra[1]))
     output_size(x, weight, stride, padding, dilation)
-    if _backends.choose(SPEC.name, x.device.type, x.dtype).name == "reference":
+    if _backends.choose(SPEC.name, device_type(x), x.dtype).name == "reference":
         return reference.depthwise_conv2d(x, weight, bias, stride, padding, dilation, scale, shift, activation)
     epilogue = scale is not None or shift is not None or activation != "none"
     if epilogue and torch.is_grad_enabled() and any(

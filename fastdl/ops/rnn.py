@@ -5,15 +5,17 @@ the input projections of every step; their C++ implementations for CPU (csrc/cpu
 CUDA (csrc/cuda/rnn_api.cpp) share the loop of csrc/rnn_scan.h (per step, the recurrent GEMM and
 one fused pointwise kernel), and the dispatcher picks one. The forward op's autograd is C++
 (csrc/autograd/rnn.cpp); the backward op is not differentiable (a create_graph=True gradient
-raises when differentiated). This module adds their fake impls, `scan` (one layer and
-direction, routed to fastdl/reference/rnn.py only when fastdl._backends says no kernel applies)
-and `rnn`, the stack of layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
+raises when differentiated). fastdl::rnn_cell (csrc/autograd/rnn_cell.cpp) is a cell module's
+whole step in one call from Python: checks, input projection and one rnn_forward step, composite,
+so its autograd is theirs. This module adds the fake impls, `scan` (one layer and direction,
+routed to fastdl/reference/rnn.py only when fastdl._backends says no kernel applies), `cell` and
+`rnn`, the stack of layers and directions that fastdl.FusedLSTM / FusedGRU / FusedRNN run.
 """
 import torch
 import torch.nn.functional as tF
 
 from fastdl import _autograd, _backends, _extension
-from fastdl._tensor import autocast_dtype, cast_all
+from fastdl._tensor import any_autocast, autocast_dtype, cast_all, device_type
 from fastdl.reference import rnn as reference
 
 MODES = tuple(reference.GATES)
@@ -30,12 +32,27 @@ def scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse):
     batch_sizes; h0, c0 (c0 for "lstm" only): (N, H); w_hh: (G*H, H); b_hh: (G*H,) or None.
     output: gates_x's shape with H last; h_n, c_n: (N, H), each sequence's last state.
     """
-    if _backends.choose(SPEC.name, h0.device.type, h0.dtype).name == "reference":
+    if _backends.choose(SPEC.name, device_type(h0), h0.dtype).name == "reference":
         return reference.scan(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gates_x, h0, c0, w_hh, b_hh))
+    save = torch.is_grad_enabled() and (gates_x.requires_grad or h0.requires_grad or w_hh.requires_grad or (
+        c0 is not None and c0.requires_grad) or (b_hh is not None and b_hh.requires_grad))
     out, h_n, c_n, _ = torch.ops.fastdl.rnn_forward.default(gates_x, batch_sizes, h0, c0, w_hh, b_hh, mode, reverse,
                                                             save)
     return out, h_n, c_n if mode == "lstm" else None
+
+
+def cell_is_fused(x):
+    """Whether a cell step on x runs as the single fastdl::rnn_cell call (csrc/autograd/rnn_cell.cpp):
+    a kernel for x's device and dtype, and no autocast (which project / scan handle)."""
+    return not any_autocast() and _backends.choose(SPEC.name, device_type(x), x.dtype).name != "reference"
+
+
+def cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode):
+    """One step of a cell: (h', c' or None). x: (N, I) or (I,); h0, c0 (c0 for "lstm" only): like x
+    with H features, or None for zeros; w_ih (G*H, I); w_hh (G*H, H); b_ih, b_hh (G*H,) or None.
+    cell_is_fused(x) must hold. The checks name the arguments as the cell modules take them."""
+    h, c = torch.ops.fastdl.rnn_cell.default(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode)
+    return h, c if mode == "lstm" else None
 
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -47,8 +64,8 @@ _ONEDNN_MIN_MACS = 1 << 22  # below this a oneDNN call's fixed cost (~35 us) los
 def _onednn_applies(x, w):
     """Whether the input projection x w^T runs on oneDNN: CPU float32, oneDNN built and enabled,
     eager, and a GEMM large enough to pay for oneDNN's per-call cost."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and _HAS_ONEDNN and x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and torch.backends.mkldnn.enabled)
+    return (x.numel() * w.shape[0] >= _ONEDNN_MIN_MACS and _HAS_ONEDNN and x.dtype == torch.float32
+            and x.is_cpu and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling())
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -84,7 +101,7 @@ def project(x, w_ih, b_ih):
     """gates_x = x w_ih^T + b_ih for x of (..., I): F.linear, or oneDNN on the CPU in float32 for
     large GEMMs."""
     if not _onednn_applies(x, w_ih):
-        if torch.is_autocast_enabled(x.device.type):  # x is already in the dtype the layer runs in
+        if any_autocast() and torch.is_autocast_enabled(x.device.type):  # x is in the dtype the layer runs in
             with torch.autocast(x.device.type, enabled=False):
                 return tF.linear(x, w_ih, b_ih)
         return tF.linear(x, w_ih, b_ih)
@@ -92,15 +109,15 @@ def project(x, w_ih, b_ih):
     return _OneDnnLinear.apply(flat, w_ih, b_ih).view(*x.shape[:-1], w_ih.shape[0])
 
 
-def autocast_runs_low(mode, device_type, cell):
+def autocast_runs_low(mode, device, cell):
     """Whether torch.autocast gives nn's layer (cell=False) or cell of this mode a lower-precision
-    output on device_type, so that fastdl's runs in that dtype too: on CUDA all of them (cuDNN's RNN
+    output on device (a device type), so that fastdl's runs in that dtype too: on CUDA all of them (cuDNN's RNN
     and the *_cell ops are on autocast's list). On the CPU, the LSTM layer (mkldnn_rnn_layer) and
     Elman's layer and cell (their linear ops) do; the GRU layer and the LSTM and GRU cells return
     float32. The tests compare these dtypes with nn's."""
-    if device_type == "cuda":
+    if device == "cuda":
         return True
-    return device_type == "cpu" and (mode.startswith("rnn_") or (mode == "lstm" and not cell))
+    return device == "cpu" and (mode.startswith("rnn_") or (mode == "lstm" and not cell))
 
 
 def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropout, training):
@@ -113,9 +130,10 @@ def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropou
     Under torch.autocast it runs in autocast's lower-precision dtype where nn's layer does (see
     autocast_runs_low).
     """
-    dtype = autocast_dtype(x.device.type) if autocast_runs_low(mode, x.device.type, cell=False) else None
-    x, hx, cx = cast_all(dtype, x, hx, cx)
-    weights = [cast_all(dtype, *w) for w in weights]
+    if any_autocast() and autocast_runs_low(mode, x.device.type, cell=False):
+        dtype = autocast_dtype(x.device.type)
+        x, hx, cx = cast_all(dtype, x, hx, cx)
+        weights = [cast_all(dtype, *w) for w in weights]
     D = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -129,6 +147,8 @@ def rnn(mode, x, batch_sizes, hx, cx, weights, num_layers, bidirectional, dropou
         x = torch.cat(outs, -1) if D == 2 else outs[0]
         if dropout and training and layer < num_layers - 1:
             x = tF.dropout(x, dropout, training=True)
+    if len(h_n) == 1:  # one layer and direction: a view, not a copy
+        return x, h_n[0].unsqueeze(0), None if cx is None else c_n[0].unsqueeze(0)
     return x, torch.stack(h_n), None if cx is None else torch.stack(c_n)
 
 

@@ -222,3 +222,102 @@ def test_small_input_projections_stay_off_onednn():
     large, w_large = torch.randn(100 * 64, 512), torch.randn(2048, 512)
     assert not ops._onednn_applies(small, w_small)
     assert ops._onednn_applies(large, w_large) == (ops._HAS_ONEDNN and torch.backends.mkldnn.enabled)
+
+
+# ---- rnn_cell: a cell module's step in one call (csrc/autograd/rnn_cell.cpp) -----------------------
+
+def cell_inputs(mode, batched=True, with_state=True, bias=True, seed=0):
+    """(input, h0, c0, w_ih, w_hh, b_ih, b_hh): float64 leaves requiring grad; I = 5, H = 7, N = 3."""
+    G, I, H, N = reference.GATES[mode], 5, 7, 3
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    lead = (N,) if batched else ()
+    x = leaf(*lead, I)
+    h0 = leaf(*lead, H) if with_state else None
+    c0 = leaf(*lead, H) if with_state and mode == "lstm" else None
+    return (x, h0, c0, leaf(G * H, I, scale=I ** -0.5), leaf(G * H, H, scale=H ** -0.5),
+            leaf(G * H) if bias else None, leaf(G * H) if bias else None)
+
+
+def reference_cell(x, h0, c0, w_ih, w_hh, b_ih, b_hh, mode):
+    """rnn_cell's contract from the reference: the projection, then one step of reference.scan."""
+    batched = x.dim() == 2
+    xb = x if batched else x.unsqueeze(0)
+    zeros = xb.new_zeros(xb.shape[0], w_hh.shape[1])
+    h = zeros if h0 is None else h0 if batched else h0.unsqueeze(0)
+    c = None if mode != "lstm" else zeros if c0 is None else c0 if batched else c0.unsqueeze(0)
+    _, h_n, c_n = reference.scan(torch.nn.functional.linear(xb, w_ih, b_ih).unsqueeze(0), None, h, c, w_hh, b_hh,
+                                 mode, False)
+    if not batched:
+        h_n, c_n = h_n.squeeze(0), None if c_n is None else c_n.squeeze(0)
+    return h_n, c_n
+
+
+CELL_CASES = [(mode, batched, with_state, bias) for mode in MODES for batched in (True, False)
+              for with_state in (True, False) for bias in (True, False)]
+
+
+def cell_id(case):
+    mode, batched, with_state, bias = case
+    return f"{mode}-{'batched' if batched else 'unbatched'}-{'hx' if with_state else 'zeros'}" + (
+        "" if bias else "-nobias")
+
+
+@pytest.mark.parametrize("case", CELL_CASES, ids=cell_id)
+def test_cell_matches_reference(case):
+    mode, batched, with_state, bias = case
+    args = cell_inputs(mode, batched, with_state, bias)
+    leaves = [t for t in args if t is not None]
+    results = []
+    for fn in (ops.cell, reference_cell):
+        h, c = fn(*args, mode)
+        outs = [h] if c is None else [h, c]
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+        results.append(outs + list(torch.autograd.grad(loss, leaves)))
+    for k, (a, e) in enumerate(zip(*results)):
+        assert_close(f"{cell_id(case)} output/gradient #{k}", a, e, dtype=torch.float64, n=7 * 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cell_gradcheck(mode):
+    args = cell_inputs(mode)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.fastdl.rnn_cell(*a, mode), args)
+
+
+@pytest.mark.parametrize("case", [c for c in CELL_CASES if c[3]], ids=cell_id)
+def test_cell_opcheck(case):
+    mode, batched, with_state, _ = case
+    torch.library.opcheck(torch.ops.fastdl.rnn_cell.default, (*cell_inputs(mode, batched, with_state), mode))
+
+
+def _bad_cell_calls():
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = (None if t is None else t.detach().float() for t in cell_inputs("lstm"))
+    op = torch.ops.fastdl.rnn_cell
+
+    def call(**kw):
+        args = dict(input=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, mode="lstm")
+        args.update(kw)
+        return lambda: op(*args.values())
+
+    return [
+        (call(input=x[None]), ValueError, "input: expected 1-D or 2-D, got 3-D"),
+        (call(input=x[:, :4]), ValueError, r"input: expected size 5 \(input_size\) in its last dim, got 4"),
+        (call(input=x.double()), TypeError, r"input: expected dtype torch.float32 \(the module's parameters'\), "
+                                            "got torch.float64"),
+        (call(input=x.to("meta")), ValueError, "input: expected device cpu"),
+        (call(h0=h0[:2]), ValueError, r"hx\[0\] \(h\): expected shape \(3, 7\), got \(2, 7\)"),
+        (call(input=x[0], h0=h0[0, :6], c0=c0[0]), ValueError, r"hx\[0\] \(h\): expected shape \(7,\), got \(6,\)"),
+        (call(c0=c0.double()), TypeError, r"hx\[1\] \(c\): expected dtype torch.float32 \(input's\)"),
+        (call(c0=None), ValueError, r"hx: expected a pair \(h, c\)"),
+        (call(mode="gru", c0=None, w_ih=w_ih[:21], w_hh=w_hh[:21], b_ih=b_ih[:21], b_hh=b_hh[:21], h0=h0[:1]),
+         ValueError, r"hx: expected shape \(3, 7\), got \(1, 7\)"),
+    ]
+
+
+@pytest.mark.parametrize("fn, exc, msg", _bad_cell_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_cell_input_is_named(fn, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fn()

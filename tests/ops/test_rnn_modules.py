@@ -266,6 +266,50 @@ def test_cell_default_state_is_zeros():
             assert_close(kind, a, e.double(), dtype=torch.float32, n=4)
 
 
+@pytest.mark.parametrize("kind", CELLS)
+def test_cell_step_is_one_fused_call(kind, monkeypatch):
+    """Without autocast a cell's step is one fastdl::rnn_cell call (fastdl.ops.rnn.cell); under
+    autocast it takes the general path (projection, then the step), as the layers do."""
+    _, our_cls, kw = CELLS[kind]
+    cell = our_cls(4, 6, **kw)
+    calls = []
+    real = fastdl.ops.rnn.cell
+    monkeypatch.setattr(fastdl.ops.rnn, "cell", lambda *a: calls.append(a[-1]) or real(*a))
+    for x in (torch.randn(3, 4), torch.randn(4)):
+        cell(x)
+    assert calls == [calls[0]] * 2 and calls[0] in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cell(torch.randn(3, 4))
+    assert len(calls) == 2
+
+
+class _Twice(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "LSTM", "GRU"])
+def test_parametrized_weights_are_read(kind):
+    """A parametrization (torch.nn.utils.parametrize) replaces a weight with a computed one; the
+    drop-in reads it as nn's module does, in the step and in the gradient of the original."""
+    ref_cls, our_cls, kw = {**CELLS, **LAYERS}[kind]
+    torch.manual_seed(0)
+    ref = ref_cls(4, 6, dtype=torch.float64, **kw)
+    ours = our_cls.from_module(copy.deepcopy(ref))
+    name = "weight_hh" if kind.endswith("Cell") else "weight_hh_l0"
+    for m in (ref, ours):
+        torch.nn.utils.parametrize.register_parametrization(m, name, _Twice())
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        out = m(x[0]) if kind.endswith("Cell") else m(x)[0]
+        out = out[0] if isinstance(out, tuple) else out
+        original = getattr(m.parametrizations, name).original
+        results.append([out, torch.autograd.grad(out.square().sum(), original)[0]])
+    for what, a, e in zip(("output", "gradient of the original weight"), results[1], results[0]):
+        assert_close(f"{kind} {what}", a, e, dtype=torch.float64, n=6)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()

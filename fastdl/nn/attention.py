@@ -27,8 +27,8 @@ class FusedAttention(nn.MultiheadAttention):
     - is_causal=True masks key j > query i in the kernel and ignores attn_mask (MHA treats it as a
       hint that attn_mask is that mask, and requires one); attn_mask may be None.
     - A query whose keys are all masked gets zeros (and zero weights), where MHA gives NaN.
-    - need_weights=True rebuilds the weights in a second pass from the saved log-sum-exp (one q k^T
-      product per head, no softmax); they are not differentiable (a backward through them raises).
+    - need_weights=True rebuilds the weights in a second pass from the saved log-sum-exp (a q k^T
+      product, no softmax); they are not differentiable (a backward through them raises).
     - Dropout masks come from fastdl's counter-based hash, seeded from torch's default generator.
     """
 

@@ -105,41 +105,62 @@ class _Undifferentiable(torch.autograd.Function):
                                   "take gradients through the attention output only")
 
 
+# attention_weights does every head in one product when the (N, H, L, S) scores have at most this
+# many elements (4 MiB in fp32): at small shapes the per-head loop's ~8 tensor ops a head cost more
+# than the math, and beyond the result only this much more memory is live.
+_ALL_HEADS_MAX = 1 << 20
+
+
 def attention_weights(q, k, lse, attn_mask=None, key_padding_mask=None, key_lengths=None, is_causal=False,
                       scale=None, dropout_p=0.0, seed=0, average=True):
     """The probabilities `attention` used, rebuilt from its lse: exp(s - lse) (times dropout's mask /
-    (1 - p)), per head (N, H, L, S) or averaged over heads (N, L, S). Per head: one batched q k^T
-    product (with the additive mask as its addend), then in place: - lse, exp, the masked keys
-    zeroed. No softmax reductions; heads are done one at a time, so beyond the result one N x L x S
-    buffer is live. Not differentiable: a backward through the result raises NotImplementedError."""
+    (1 - p)), per head (N, H, L, S) or averaged over heads (N, L, S). One batched q k^T product (with
+    the additive mask as its addend), then in place: - lse, exp, the masked keys zeroed. No softmax
+    reductions. Heads are done all at once when the scores are small (_ALL_HEADS_MAX) or wanted per
+    head, else one at a time, so that beyond the result one N x L x S buffer is live. Not
+    differentiable: a backward through the result raises NotImplementedError."""
     N, H, L, D = q.shape
     S = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     group = H // k.shape[1]
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    out = q.new_zeros((N, L, S) if average else (N, H, L, S), dtype=acc)
     masked = None
     if key_padding_mask is not None or key_lengths is not None or is_causal:
-        masked = ~reference.attended(N, L, S, key_padding_mask, key_lengths, is_causal, q.device)[:, 0]  # (N|1, L|1, S)
+        masked = ~reference.attended(N, L, S, key_padding_mask, key_lengths, is_causal, q.device)  # (N|1, 1, L|1, S)
     keep = reference.dropout_keep(seed, N, H, L, S, dropout_p, q.device) if dropout_p > 0 else None
     with torch.no_grad():
-        for h in range(H):
-            qh, kh = (q[:, h] * scale).to(acc), k[:, h // group].to(acc).transpose(1, 2)  # (N, L, D), (N, D, S)
-            if attn_mask is None:
-                p = torch.bmm(qh, kh)
-            else:
-                p = torch.baddbmm(attn_mask[:, h if attn_mask.shape[1] > 1 else 0].to(acc).expand(N, L, S), qh, kh)
-            p.sub_(lse[:, h, :, None].to(acc)).exp_()  # lse = +inf (no key attended): 0
-            if masked is not None:
-                p.masked_fill_(masked, 0.0)
-            if keep is not None:
-                p.mul_(keep[:, h]).div_(1.0 - dropout_p)
-            if average:
-                out.add_(p, alpha=1.0 / H)
-            else:
-                out[:, h] = p
+        if not average or N * H * L * S <= _ALL_HEADS_MAX:
+            out = _probabilities(q, k, lse, attn_mask, masked, keep, dropout_p, scale, group, acc)
+            out = out.sum(1).div_(H) if average else out
+        else:
+            out = q.new_zeros((N, L, S), dtype=acc)
+            for h in range(H):
+                out.add_(_probabilities(q, k, lse, attn_mask, masked, keep, dropout_p, scale, group, acc, h)[:, 0],
+                         alpha=1.0 / H)
     out = out.to(q.dtype)
     return _Undifferentiable.apply(out, q, k) if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) else out
+
+
+def _probabilities(q, k, lse, attn_mask, masked, keep, dropout_p, scale, group, acc, h=None):
+    """exp(scale q k^T + attn_mask - lse), masked and dropped, for head h ((N, 1, L, S)) or every
+    head (h None: (N, H, L, S)), in dtype acc. attn_mask: (N|1, H|1, L|1, S); masked: (N|1, 1, L|1, S).
+    (No Python indexing for every head: at small shapes a tensor __getitem__ costs microseconds.)"""
+    if h is not None:
+        heads = slice(h, h + 1)
+        q, k, lse = q[:, heads], k[:, h // group:h // group + 1], lse[:, heads]
+        attn_mask = attn_mask[:, heads] if attn_mask is not None and attn_mask.shape[1] > 1 else attn_mask
+        keep = keep[:, heads] if keep is not None else None
+    elif group > 1:
+        k = k.repeat_interleave(group, dim=1)
+    p = torch.matmul((q * scale).to(acc), k.to(acc).transpose(-1, -2))
+    if attn_mask is not None:
+        p.add_(attn_mask.to(acc))
+    p.sub_(lse.to(acc).unsqueeze(-1)).exp_()  # lse = +inf (no key attended): 0
+    if masked is not None:
+        p.masked_fill_(masked, 0.0)
+    if keep is not None:
+        p.mul_(keep).div_(1.0 - dropout_p)
+    return p
 
 
 def _acc_dtype(dtype):

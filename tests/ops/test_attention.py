@@ -340,6 +340,27 @@ def test_fused_attention_matches_multihead_attention(name, masks, dtype):
         assert_close(n, a, b, dtype, n=N * L * S)
 
 
+def test_attention_weights_head_at_a_time_equals_all_heads(monkeypatch):
+    """attention_weights' two paths for averaged weights (all heads in one product for small
+    scores, one head at a time beyond _ALL_HEADS_MAX) agree, with every mask, grouped heads and
+    dropout. (Per-head weights always take the first: the result holds every head anyway.)"""
+    g = torch.Generator().manual_seed(0)
+    N, H, Hkv, L, S, D = 2, 4, 2, 5, 6, 8
+    q = torch.randn(N, H, L, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(N, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.randn(N, H, L, S, generator=g, dtype=torch.float64)
+    padding = torch.ones(N, S, dtype=torch.bool)
+    padding[1, 4:] = False
+    seed = torch.tensor(1234, dtype=torch.int64)
+    args = (mask, padding, None, True, None, 0.3, seed)
+    _, lse = ops.attention(q, k, v, *args)
+    together = ops.attention_weights(q, k, lse, *args)
+    monkeypatch.setattr(ops, "_ALL_HEADS_MAX", 0)
+    apart = ops.attention_weights(q, k, lse, *args)
+    assert together.shape == (N, L, S) and together.abs().sum() > 0
+    assert_close("weights, one head at a time", apart, together, torch.float64, n=H)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_fused_attention_unbatched_and_need_weights_false(batch_first):
     ref, ours = mha_pair(dict(batch_first=batch_first))

@@ -23,7 +23,7 @@ ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3}
 @triton.jit
 def _offsets(r, c, C, HW, CHANNELS_LAST: tl.constexpr):
     """Element offsets of positions r ([1, BLOCK_R]) and channels c ([BLOCK_C, 1])."""
-    r = r.to(tl.int64)
+    r, c = r.to(tl.int64), c.to(tl.int64)  # offsets past 2^31 elements (one plane c * HW included)
     if CHANNELS_LAST:
         return r * C + c
     return (r // HW) * C * HW + r % HW + c * HW
@@ -91,8 +91,8 @@ def _forward_kernel(x_ptr, res_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, part_mean_ptr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE_MASK: tl.constexpr, ACT: tl.constexpr,
                     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)  # position blocks on axis 0 (up to 2^31 - 1; axis 1 stops at 65535)
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if TRAINING:
@@ -173,8 +173,8 @@ def _backward_kernel(dy_ptr, x_ptr, mask_ptr, w_ptr, mean_ptr, invstd_ptr, part_
                      TRAINING: tl.constexpr, HAS_W: tl.constexpr, RES_GRAD: tl.constexpr,
                      ACT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(0)  # as in _forward_kernel
+    pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     s = tl.arange(0, BLOCK_S)
@@ -241,6 +241,18 @@ def _config(C, M, channels_last, device):
                 grid_r=max(triton.cdiv(M, block_r), 1))
 
 
+def stats_grid(cfg):
+    """The reduction kernels' grid: (channel blocks, splits); splits <= 4096 / BLOCK_C."""
+    return cfg["grid_c"], cfg["split"]
+
+
+def tile_grid(cfg):
+    """The tile kernels' grid: (position blocks, channel blocks). Position blocks go on axis 0, the
+    only one CUDA lets past 65535 programs: a ResNet's first BN at batch 256 (N * 112 * 112
+    positions in 32-row channels_last blocks) needs 100,352 of them."""
+    return cfg["grid_r"], cfg["grid_c"]
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -250,7 +262,7 @@ def _partial_stats(x, cfg, C, HW, M, channels_last):
     acc = _acc(x.dtype)
     part_mean = torch.empty((cfg["split"], C), dtype=acc, device=x.device)
     part_m2 = torch.empty_like(part_mean)
-    _stats_kernel[(cfg["grid_c"], cfg["split"])](
+    _stats_kernel[stats_grid(cfg)](
         x, part_mean, part_m2, C, HW, M, cfg["rows_per_split"],
         CHANNELS_LAST=channels_last, BLOCK_C=cfg["block_c"], BLOCK_R=cfg["block_r"], ACC=_tl(acc))
     return part_mean, part_m2
@@ -284,7 +296,7 @@ def forward(x, weight, bias, residual, running_mean, running_var, training, mome
     res = residual.contiguous(memory_format=fmt) if residual is not None else x
     cfg = _config(C, M, cl, x.device)
     part_mean, part_m2 = _partial_stats(x, cfg, C, HW, M, cl) if training else (mean, mean)
-    _forward_kernel[(cfg["grid_c"], cfg["grid_r"])](
+    _forward_kernel[tile_grid(cfg)](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
         running_mean if running_mean is not None else mean, running_var if running_var is not None else mean,
         part_mean, part_m2, mean, invstd, y, mask.view(torch.uint8) if with_mask else y,
@@ -312,10 +324,10 @@ def backward(grad_out, x, weight, mean, invstd, mask, training, activation, slop
     cfg = _config(C, M, cl, x.device)
     part_dz = torch.empty((cfg["split"], C), dtype=acc, device=x.device)
     part_dzx = torch.empty_like(part_dz)
-    _grad_stats_kernel[(cfg["grid_c"], cfg["split"])](
+    _grad_stats_kernel[stats_grid(cfg)](
         grad_out, x, mask, mean, part_dz, part_dzx, C, HW, M, cfg["rows_per_split"], slope,
         ACT=act, CHANNELS_LAST=cl, BLOCK_C=cfg["block_c"], BLOCK_R=cfg["block_r"], ACC=_tl(acc))
-    _backward_kernel[(cfg["grid_c"], cfg["grid_r"])](
+    _backward_kernel[tile_grid(cfg)](
         grad_out, x, mask, weight if weight is not None else x, mean, invstd, part_dz, part_dzx,
         dx, dw, db, dres if with_res else dx, C, HW, M, cfg["split"], slope,
         TRAINING=training, HAS_W=weight is not None, RES_GRAD=with_res, ACT=act, CHANNELS_LAST=cl,

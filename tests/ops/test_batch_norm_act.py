@@ -417,6 +417,24 @@ TRITON_CASES = [((2, 3, 5, 5), "nchw"), ((2, 3, 5, 5), "channels_last"), ((4, 3,
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("shape", [(256, 64, 112, 112), (512, 3, 224, 224), (1, 4096, 7, 7), (2, 65536, 4, 4),
+                                   (1, 1, 4096, 4096)], ids=sid)
+def test_triton_launch_grids_fit_cuda_limits(shape, channels_last, monkeypatch):
+    """Every launch's grid within CUDA's limits (axis 0 up to 2^31 - 1, axes 1 and 2 up to
+    65535) at large shapes, with an H100's 132 SMs deciding the split: the position blocks of a
+    ResNet's first BN at batch 256 (100,352 of them channels_last) once sat on axis 1."""
+    from fastdl.triton import batch_norm_act as kernels
+
+    monkeypatch.setattr(kernels, "_programs", lambda device: 4 * 132)
+    N, C, H, W = shape
+    cfg = kernels._config(C, N * H * W, channels_last, torch.device("cuda"))
+    for grid in (kernels.stats_grid(cfg), kernels.tile_grid(cfg)):
+        assert 0 < grid[0] <= 2**31 - 1 and all(0 < g <= 65535 for g in grid[1:]), (grid, cfg)
+    assert cfg["grid_r"] * cfg["block_r"] >= N * H * W and cfg["grid_c"] * cfg["block_c"] >= C
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", ["none", "relu", "relu6", "leaky_relu"])
 @pytest.mark.parametrize("shape,layout", TRITON_CASES, ids=[f"{sid(s)}-{l}" for s, l in TRITON_CASES])

@@ -6,22 +6,19 @@
 
 #include <string>
 
+#include "cpu/isa.h"
 #ifdef FASTDL_WITH_CUDA
 #include "cuda/build_info.h"
 #endif
-
-#define FASTDL_STR2(x) #x
-#define FASTDL_STR(x) FASTDL_STR2(x)
 
 namespace fastdl {
 
 // "key=value;..." describing how this library was compiled; fastdl.info() parses it.
 std::string build_info() {
-  std::string info = "cpu_arch=" FASTDL_STR(FASTDL_CPU_ARCH);
 #ifdef _OPENMP
-  info += ";openmp=1";
+  std::string info = "openmp=1";
 #else
-  info += ";openmp=0";
+  std::string info = "openmp=0";
 #endif
 #ifdef FASTDL_WITH_CUDA
   info += ";" + cuda::build_info();
@@ -33,6 +30,14 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastdl, m) {
   m.def("_build_info() -> str", &build_info);
+  // The CPU kernels' ISA (csrc/cpu/isa.h): "key=value;..." with supported, compiled, features,
+  // active and reason; setting it returns the previous ISA; resolving checks a request.
+  m.def("_cpu_isa() -> str", &cpu::isa_info);
+  m.def("_set_cpu_isa(str isa) -> str", &cpu::set_kernel_isa);
+  m.def("_resolve_cpu_isa(str what, str isa, str supported) -> str",
+        [](const std::string& what, const std::string& isa, const std::string& supported) -> std::string {
+          return cpu::isa_name(cpu::resolve_isa(what, isa, supported));
+        });
   // y = act(batch_norm(x) + residual); returns (y, mean, invstd, mask). mean/invstd are fp32 (fp64 for
   // fp64 x), the batch statistics in training and the running ones in eval; mask (bool, x's shape) is
   // act'(z) > 0, written only when save_mask and activation != "none", else empty.

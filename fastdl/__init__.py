@@ -4,6 +4,7 @@ Importing fastdl never touches the GPU and never fails because the compiled exte
 ops then run their PyTorch references, and fastdl.info() says so.
 """
 from fastdl import functional, ops  # noqa: F401  (registers the ops)
+from fastdl._extension import cpu_isa, cpu_isas, set_cpu_isa
 from fastdl._info import info
 from fastdl.convert import convert
 from fastdl.nn import (DepthwiseConv2d, DepthwiseSeparableConv2d, FusedAttention, FusedBatchNorm2d, FusedGRU,
@@ -12,4 +13,4 @@ from fastdl.nn import (DepthwiseConv2d, DepthwiseSeparableConv2d, FusedAttention
 __version__ = "0.1.0"
 __all__ = ["DepthwiseConv2d", "DepthwiseSeparableConv2d", "FusedAttention", "FusedBatchNorm2d", "FusedGRU",
            "FusedGRUCell", "FusedLSTM", "FusedLSTMCell", "FusedRNN", "FusedRNNCell", "FusedTransformerEncoderLayer",
-           "convert", "functional", "info"]
+           "convert", "cpu_isa", "cpu_isas", "functional", "info", "set_cpu_isa"]

@@ -28,7 +28,10 @@ def cmd_info(args):
     if ext["loaded"]:
         b = ext["build"]
         cuda = "no CUDA objects" if b.get("cuda") == "none" else f"CUDA {b['cuda']} objects for sm {b['cuda_archs']}"
-        print(f"extension: fastdl._C loaded: C++ kernels (-march={b['cpu_arch']}, OpenMP {b['openmp']}), {cuda}")
+        print(f"extension: fastdl._C loaded: C++ kernels (OpenMP {b['openmp']}), {cuda}")
+        c = info["cpu"]
+        print(f"cpu: {c['model']}: supports up to {c['supported']} ({', '.join(c['features']) or 'no vector extensions'})")
+        print(f"C++ kernels: {c['active']} copy ({c['reason']}); built: {', '.join(c['compiled'])}")
     else:
         print(f"extension: not loaded ({ext['error']})")
     if info["triton_error"]:

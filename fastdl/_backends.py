@@ -58,7 +58,9 @@ def _decide(spec: OpSpec, device_type: str, dtype: torch.dtype) -> Backend:
     if device_type in ("cpu", "meta"):
         if dtype not in spec.cpu_dtypes:
             return Backend("reference", f"the C++ CPU kernel takes {_names(spec.cpu_dtypes)}")
-        return Backend("cpp", "C++ kernel (-march={})".format(_extension.BUILD_INFO.get("cpu_arch")))
+        if _extension.cpu_isa()["supported"] == "none":
+            return Backend("reference", "the C++ kernels need an x86-64-v2 CPU (SSE4.2, POPCNT)")
+        return Backend("cpp", "C++ kernel")
     if device_type != "cuda":
         return Backend("reference", f"fastdl has no kernels for {device_type} devices")
     if dtype not in spec.gpu_dtypes:
@@ -81,5 +83,8 @@ def table(device_type: str):
             b = choose(op, device_type, dtype)
             if device_type == "cuda" and not torch.cuda.is_available():
                 b = Backend("unavailable", f"no CUDA device visible; with one: {b.name} ({b.reason})")
+            if b.name == "cpp":  # the ISA copy is chosen per call: read it now, not from the cache
+                isa = _extension.cpu_isa()
+                b = Backend("cpp", f"{b.reason}, {isa['active']} copy ({isa['reason']})")
             rows.append((op, str(dtype).replace("torch.", ""), b.name, b.reason))
     return rows

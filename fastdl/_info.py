@@ -1,5 +1,6 @@
 """fastdl.info(): versions, devices, the extension's build, and each op's backend per device and why."""
 import platform
+from pathlib import Path
 
 import torch
 
@@ -10,8 +11,9 @@ from fastdl import _backends, _extension
 def info() -> dict:
     """A JSON-able description of what fastdl will run on this machine.
 
-    Keys: versions (fastdl, torch, triton, cuda, python), devices, threads, extension (loaded, error,
-    build), distributed (whether torch.distributed and its gloo / NCCL backends are built in: what
+    Keys: versions (fastdl, torch, triton, cuda, python), devices, threads, cpu (model, and the C++
+    kernels' ISA: supported, compiled, features, active, reason; see fastdl.cpu_isa()), extension
+    (loaded, error, build), distributed (whether torch.distributed and its gloo / NCCL backends are built in: what
     `fastdl train --nproc` and synchronized batch norm run on), ops: a list of {op, device, dtype,
     backend, reason}.
     """
@@ -33,8 +35,20 @@ def info() -> dict:
         triton_error=_triton.ERROR,
         devices=devices,
         threads=torch.get_num_threads(),
+        cpu=dict(model=cpu_model(), **_extension.cpu_isa()),
         extension=dict(loaded=_extension.loaded(), error=_extension.LOAD_ERROR, build=_extension.build_info()),
         distributed=dict(available=dist.is_available(), gloo=dist.is_available() and dist.is_gloo_available(),
                          nccl=dist.is_available() and dist.is_nccl_available()),
         ops=ops,
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

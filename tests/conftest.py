@@ -1,5 +1,5 @@
 """Test setup: Triton through its interpreter without a GPU, NaN-poisoned outputs, the cuda marker,
-and the one_thread fixture."""
+and the one_thread and isa fixtures."""
 import os
 
 import pytest
@@ -11,6 +11,25 @@ if not torch.cuda.is_available():
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_generate_tests(metafunc):
+    # A test that takes `isa` runs once per CPU kernel copy this machine can run (csrc/cpu/isa.h).
+    if "isa" in metafunc.fixturenames:
+        import fastdl
+
+        metafunc.parametrize("isa", fastdl.cpu_isas(), indirect=True)
+
+
+@pytest.fixture
+def isa(request):
+    """The C++ CPU kernels run their `isa` copy for the test, then the start-up choice again."""
+    import fastdl
+
+    fastdl.set_cpu_isa(request.param)
+    assert fastdl.cpu_isa()["active"] == request.param
+    yield request.param
+    fastdl.set_cpu_isa(None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,13 @@
 // Attention on the CPU, FlashAttention-2 style: no L x S matrix is ever stored.
 //
-// Tiles are transposed: a tile holds kBN keys as rows and kBM queries as lanes (four vectors), so
+// Tiles are transposed: a tile holds kBN keys as rows and kBM queries as lanes (kNV vectors), so
 // the per-query softmax statistics (max, sum, lse, delta) are plain vectors and every reduction
 // over keys is a vertical max / add. Every product is one register-blocked micro-kernel
 //   C[r][lanes] (+)= sum_k A[r * ar + k * ak] * B[k][lanes]
 // with A broadcast from memory (any strides: k and v are read in place) and B a packed, aligned
-// scratch:
+// scratch. Vectors and micro-tile fit the ISA of the copy (csrc/cpu/simd.h): kMR x kNV
+// accumulators, kNV loads of B and one broadcast of A live in registers (6 x 4 zmm on AVX-512,
+// 6 x 2 ymm on AVX2, 6 x 2 xmm on SSE):
 //   S^T  [keys][queries]  = K  . Q^T          (k = head dim)
 //   O^T  [dims][queries] += V^T . P^T         (k = key; forward, rescaled by the online softmax)
 //   dP^T [keys][queries]  = V  . dO^T
@@ -30,9 +32,10 @@
 #include <new>
 
 #include "cpu/attention.h"
+#include "cpu/simd.h"
 #include "cpu/vec_math.h"
 
-namespace fastdl::cpu {
+namespace fastdl::cpu::FASTDL_ISA {
 
 using attention::BackwardParams;
 using attention::Dropout;
@@ -50,22 +53,23 @@ template <typename T>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64), __may_alias__));
+  typedef float type __attribute__((vector_size(kVectorBytes), __may_alias__));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64), __may_alias__));
+  typedef double type __attribute__((vector_size(kVectorBytes), __may_alias__));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
 
 template <typename T>
-constexpr int64_t kW = 64 / sizeof(T);  // lanes of a vector
+constexpr int64_t kW = kVectorBytes / sizeof(T);  // lanes of a vector
+constexpr int kNV = kVectorRegisters >= 32 ? 4 : 2;  // vectors of a micro-tile
+constexpr int kMR = 6;                               // rows of a micro-tile
+static_assert(kMR * kNV + kNV + 1 <= kVectorRegisters, "the micro-tile must fit the vector registers");
 template <typename T>
-constexpr int64_t kBM = 4 * kW<T>;  // queries per block: the lanes of a tile
-constexpr int64_t kBN = 64;         // keys per block: the rows of a tile
-constexpr int kMR = 6;              // rows of a micro-tile (6 x 4 accumulators + 4 loads + 1)
-constexpr int kNV = 4;              // vectors of a micro-tile
+constexpr int64_t kBM = kNV * kW<T>;  // queries per block: the lanes of a tile, one micro-tile wide
+constexpr int64_t kBN = 64;           // keys per block: the rows of a tile
 
 template <typename T>
 inline Vec<T> load(const T* p) {
@@ -78,7 +82,7 @@ inline void store(T* p, Vec<T> x) {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// A 64-byte aligned scratch array of n elements (uninitialized).
+// A 64-byte (any vector's) aligned scratch array of n elements (uninitialized).
 template <typename T>
 class Buffer {
  public:
@@ -107,7 +111,7 @@ enum class Init { Zero, Add, Rescale };
 //   Zero:    C  = sum_{k < K} A[r * ar + k * ak] * B[k * bs + lanes]
 //   Add:     C += the sum
 //   Rescale: C  = C * lane_scale[lanes] + the sum
-// B, C and lane_scale are 64-byte aligned; the sums stay in registers over the whole k loop.
+// B, C and lane_scale are vector-aligned; the sums stay in registers over the whole k loop.
 template <typename T, int MR, int NV, Init init>
 inline void micro_tile(int64_t K, const T* A, int64_t ar, int64_t ak, const T* B, int64_t bs, T* C,
                        int64_t cs, const T* lane_scale) {
@@ -162,21 +166,21 @@ void gemm_rows(int64_t rows, int64_t K, const T* A, int64_t ar, int64_t ak, cons
   if (r < rows) micro_tail<T, NV, init>(rows - r, K, A + r * ar, ar, ak, B, bs, C + r * cs, cs, lane_scale);
 }
 
+// C += A B over a panel of nv <= NV vectors of lanes.
+template <typename T, int NV = kNV>
+void gemm_panel(int64_t nv, int64_t rows, int64_t K, const T* A, int64_t ar, int64_t ak, const T* B, int64_t bs,
+                T* C, int64_t cs) {
+  if constexpr (NV > 1)
+    if (nv < NV) return gemm_panel<T, NV - 1>(nv, rows, K, A, ar, ak, B, bs, C, cs);
+  gemm_rows<T, NV, Init::Add>(rows, K, A, ar, ak, B, bs, C, cs);
+}
+
 // C += A B for rows r < rows and nvec vectors of lanes (any count: column panels of kNV vectors).
 template <typename T>
 void gemm_add(int64_t rows, int64_t nvec, int64_t K, const T* A, int64_t ar, int64_t ak, const T* B,
               int64_t bs, T* C, int64_t cs) {
-  constexpr int64_t W = kW<T>;
-  for (int64_t v0 = 0; v0 < nvec; v0 += kNV) {
-    const T* Bv = B + v0 * W;
-    T* Cv = C + v0 * W;
-    switch (std::min<int64_t>(kNV, nvec - v0)) {
-      case 4: gemm_rows<T, 4, Init::Add>(rows, K, A, ar, ak, Bv, bs, Cv, cs); break;
-      case 3: gemm_rows<T, 3, Init::Add>(rows, K, A, ar, ak, Bv, bs, Cv, cs); break;
-      case 2: gemm_rows<T, 2, Init::Add>(rows, K, A, ar, ak, Bv, bs, Cv, cs); break;
-      default: gemm_rows<T, 1, Init::Add>(rows, K, A, ar, ak, Bv, bs, Cv, cs); break;
-    }
-  }
+  for (int64_t v0 = 0; v0 < nvec; v0 += kNV)
+    gemm_panel<T>(std::min<int64_t>(kNV, nvec - v0), rows, K, A, ar, ak, B + v0 * kW<T>, bs, C + v0 * kW<T>, cs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,4 +624,4 @@ template void attention_forward_kernel<double>(const ForwardParams<double>&);
 template void attention_backward_kernel<float>(const BackwardParams<float>&);
 template void attention_backward_kernel<double>(const BackwardParams<double>&);
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::FASTDL_ISA

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/isa.h"
+
 namespace fastdl::attention {
 
 // q (N, H, L, D), k and v (N, Hkv, S, D); H % Hkv == 0 and query head h reads kv head h / (H / Hkv).
@@ -81,9 +83,11 @@ struct BackwardParams {
 
 namespace fastdl::cpu {
 
+FASTDL_ISA_DECLARE(
 template <typename T>
 void attention_forward_kernel(const attention::ForwardParams<T>& p);
 template <typename T>
 void attention_backward_kernel(const attention::BackwardParams<T>& p);
+)
 
 }  // namespace fastdl::cpu

@@ -135,7 +135,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const
     p.masks = masks, p.dropout = dropout, p.scale = scale;
     p.out = out.data_ptr<scalar_t>(), p.out_st = strides_of(out);
     p.lse = lse.data_ptr<scalar_t>();
-    attention_forward_kernel(p);
+    FASTDL_CPU_DISPATCH(attention_forward_kernel, p);
   });
   return {out, lse};
 }
@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, const Ten
     p.grad_q = grad_q.data_ptr<scalar_t>(), p.grad_k = grad_k.data_ptr<scalar_t>();
     p.grad_v = grad_v.data_ptr<scalar_t>();
     p.grad_q_st = strides_of(grad_q), p.grad_k_st = strides_of(grad_k), p.grad_v_st = strides_of(grad_v);
-    attention_backward_kernel(p);
+    FASTDL_CPU_DISPATCH(attention_backward_kernel, p);
   });
   return {grad_q, grad_k, grad_v};
 }

@@ -11,8 +11,9 @@
 #include <vector>
 
 #include "cpu/batch_norm_act.h"
+#include "cpu/simd.h"
 
-namespace fastdl::cpu {
+namespace fastdl::cpu::FASTDL_ISA {
 
 namespace {
 
@@ -337,4 +338,4 @@ template void batch_norm_stats_kernel<double>(const double*, const Layout&, doub
 template void batch_norm_act_backward_kernel<float>(const BackwardParams<float>&);
 template void batch_norm_act_backward_kernel<double>(const BackwardParams<double>&);
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::FASTDL_ISA

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "cpu/isa.h"
+
 namespace fastdl::cpu {
 
 enum class Act { None, Relu, Relu6, LeakyRelu };
@@ -48,6 +50,7 @@ struct BackwardParams {
   Act act;
 };
 
+FASTDL_ISA_DECLARE(
 template <typename T>
 void batch_norm_act_forward_kernel(const ForwardParams<T>& p);
 // Per-channel mean and M2 (sum of squared deviations) of x: [C] each.
@@ -55,5 +58,6 @@ template <typename T>
 void batch_norm_stats_kernel(const T* x, const Layout& layout, T* mean, T* m2);
 template <typename T>
 void batch_norm_act_backward_kernel(const BackwardParams<T>& p);
+)
 
 }  // namespace fastdl::cpu

@@ -80,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x_in, const Opt
                               ptr<scalar_t>(running_mean), ptr<scalar_t>(running_var), mean.data_ptr<scalar_t>(),
                               invstd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                               with_mask ? mask.data_ptr<bool>() : nullptr, training, momentum, eps, slope, act};
-    batch_norm_act_forward_kernel(p);
+    FASTDL_CPU_DISPATCH(batch_norm_act_forward_kernel, p);
   });
   return {y, mean, invstd, mask};
 }
@@ -93,7 +93,8 @@ std::tuple<Tensor, Tensor> stats(const Tensor& x_in) {
   Tensor mean = at::empty({l.C}, x.options());
   Tensor m2 = at::empty({l.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_stats", [&] {
-    batch_norm_stats_kernel(x.data_ptr<scalar_t>(), l, mean.data_ptr<scalar_t>(), m2.data_ptr<scalar_t>());
+    FASTDL_CPU_DISPATCH(batch_norm_stats_kernel, x.data_ptr<scalar_t>(), l, mean.data_ptr<scalar_t>(),
+                        m2.data_ptr<scalar_t>());
   });
   return {mean, m2};
 }
@@ -130,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out_in, c
                                m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
                                grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>(),
                                with_res ? grad_res.data_ptr<scalar_t>() : nullptr, training, slope, act};
-    batch_norm_act_backward_kernel(p);
+    FASTDL_CPU_DISPATCH(batch_norm_act_backward_kernel, p);
   });
   return {grad_x, grad_weight, grad_bias, grad_res};
 }

@@ -13,8 +13,9 @@
 #include <vector>
 
 #include "cpu/depthwise_conv2d.h"
+#include "cpu/simd.h"
 
-namespace fastdl::cpu {
+namespace fastdl::cpu::FASTDL_ISA {
 
 using depthwise::Act;
 using depthwise::BackwardParams;
@@ -23,9 +24,10 @@ using depthwise::Shape;
 
 namespace {
 
-// Channels per register block: four 512-bit vectors.
+// Channels per register block: 4 vectors with 32 vector registers (AVX-512), 2 with 16 (AVX2,
+// SSE), so that kSpan columns' (or kTapGroup taps') sums, the weights and a load fit them.
 template <typename T>
-constexpr int64_t kBlock = 256 / sizeof(T);
+constexpr int64_t kBlock = kVectorRegisters / 8 * kVectorBytes / sizeof(T);
 // channels_last: output columns summed together, each weight load shared by all of them.
 constexpr int64_t kSpan = 4;
 // channels_last grad_weight: output positions per block of rows (one partial each), and at most
@@ -439,4 +441,4 @@ template void depthwise_conv2d_forward_kernel<double>(const ForwardParams<double
 template void depthwise_conv2d_backward_kernel<float>(const BackwardParams<float>&);
 template void depthwise_conv2d_backward_kernel<double>(const BackwardParams<double>&);
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::FASTDL_ISA

@@ -51,7 +51,7 @@ Tensor forward(const Tensor& x_in, const Tensor& weight_in, const OptTensor& bia
                               ptr<scalar_t>(shift),
                               y.data_ptr<scalar_t>(),
                               act};
-    depthwise_conv2d_forward_kernel(p);
+    FASTDL_CPU_DISPATCH(depthwise_conv2d_forward_kernel, p);
   });
   return y;
 }
@@ -72,7 +72,7 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_out_in, const Tensor& x_i
                                weight.data_ptr<scalar_t>(),
                                output_mask[0] ? grad_x.data_ptr<scalar_t>() : nullptr,
                                output_mask[1] ? grad_weight.data_ptr<scalar_t>() : nullptr};
-    depthwise_conv2d_backward_kernel(p);
+    FASTDL_CPU_DISPATCH(depthwise_conv2d_backward_kernel, p);
   });
   return {grad_x, grad_weight};
 }

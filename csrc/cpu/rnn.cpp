@@ -9,10 +9,11 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/simd.h"
 #include "cpu/vec_math.h"
 #include "rnn_cell.h"
 
-namespace fastdl::cpu {
+namespace fastdl::cpu::FASTDL_ISA {
 namespace {
 
 using rnn::Mode;
@@ -182,4 +183,4 @@ template void rnn_forward_step<double>(const StepForward<double>&);
 template void rnn_backward_step<float>(const StepBackward<float>&);
 template void rnn_backward_step<double>(const StepBackward<double>&);
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::FASTDL_ISA

@@ -28,7 +28,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& gates_x, const 
   check_cpu_dtype(h0);
   return AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rnn_forward", [&] {
     return rnn::scan_forward<scalar_t>(a, gates_x, h0, c0, w_hh, b_hh, reverse, save_workspace,
-                                       [](const rnn::StepForward<scalar_t>& p) { rnn_forward_step(p); });
+                                       [](const rnn::StepForward<scalar_t>& p) {
+                                         FASTDL_CPU_DISPATCH(rnn_forward_step, p);
+                                       });
   });
 }
 
@@ -42,7 +44,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_o
   check_cpu_dtype(h0);
   return AT_DISPATCH_FLOATING_TYPES(h0.scalar_type(), "rnn_backward", [&] {
     return rnn::scan_backward<scalar_t>(a, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, output, workspace, reverse,
-                                        [](const rnn::StepBackward<scalar_t>& p) { rnn_backward_step(p); });
+                                        [](const rnn::StepBackward<scalar_t>& p) {
+                                          FASTDL_CPU_DISPATCH(rnn_backward_step, p);
+                                        });
   });
 }
 

@@ -1,5 +1,5 @@
 // Elementwise math for the CPU kernels, written so that `#pragma omp simd` loops vectorize it for
-// -march (no calls, no branches: selects only). The float versions are polynomials; the double
+// each ISA copy (no calls, no branches: selects only; in the copy's namespace, csrc/cpu/isa.h). The float versions are polynomials; the double
 // versions call libm (they run scalar, at full double accuracy).
 #pragma once
 #include <algorithm>
@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace fastdl::cpu {
+#include "cpu/simd.h"
+
+namespace fastdl::cpu::FASTDL_ISA {
 
 // exp(x) in float, to ~1 ulp, written so that a simd loop vectorizes it: exp(x) = 2^n * exp(r)
 // with n = round(x / ln 2), r = x - n ln 2 (Cody-Waite), exp(r) a degree-7 polynomial (Cephes
@@ -57,4 +59,4 @@ struct VecMath {
   static double tanh(double x) { return std::tanh(x); }
 };
 
-}  // namespace fastdl::cpu
+}  // namespace fastdl::cpu::FASTDL_ISA

@@ -180,7 +180,7 @@ def test_dropout_backward_uses_forward_mask():
 # ---- gradcheck, opcheck, torch.compile ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["plain", "causal-gqa", "masks", "dropout"])
-def test_gradcheck_float64(kind):
+def test_gradcheck_float64(kind, isa):
     N, H, L, S, D = 2, 2, 5, 6, 4
     Hkv = 1 if kind == "causal-gqa" else H
     q, k, v = rand(N, H, L, D, seed=1), rand(N, Hkv, S, D, seed=2), rand(N, Hkv, S, D, seed=3)

@@ -155,7 +155,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", SHAPES + MASKS + LAYOUTS, ids=str)
-def test_matches_reference(case, dtype):
+def test_matches_reference(case, dtype, isa):
     got = compare(case, dtype)
     out, lse = got[:2]
     assert out.shape == (case.N, case.H, case.L, case.D) and lse.shape == (case.N, case.H, case.L)
@@ -170,7 +170,7 @@ def test_long_sequence():
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_fully_masked_rows_are_zero_not_nan(dtype):
+def test_fully_masked_rows_are_zero_not_nan(dtype, isa):
     case = Case(3, 2, 2, 20, 70, 16, mask="bool+kpm+lengths")
     out, lse, gq, gk, gv = compare(case, dtype)
     for name, t in (("out", out), ("grad_q", gq), ("grad_k", gk), ("grad_v", gv)):
@@ -235,7 +235,7 @@ def test_dropout_seeds():
     Case(1, 2, 1, 150, 150, 40, causal=True, mask="kpm", dropout=0.1),  # 1 kv head: the two schemes differ
     Case(3, 4, 2, 70, 90, 24, mask="bool"),
 ], ids=str)
-def test_same_bits_for_any_thread_count(case):
+def test_same_bits_for_any_thread_count(case, isa):
     threads = torch.get_num_threads()
     try:
         results = []

@@ -104,7 +104,7 @@ def check(results, dtype, shape):
 @pytest.mark.parametrize("residual", [True, False], ids=["res", "nores"])
 @pytest.mark.parametrize("act", ACTS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=sid)
-def test_train_steps_then_eval(shape, act, residual, layout, dtype):
+def test_train_steps_then_eval(shape, act, residual, layout, dtype, isa):
     pair = Pair(shape[1], act, dtype)
     for step in range(3):
         check(pair.step(shape, layout, residual, seed=step), dtype, shape)
@@ -202,7 +202,7 @@ def test_from_module_shares_state():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", ACTS, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_gradcheck_cpu_kernel(act, training, layout):
+def test_gradcheck_cpu_kernel(act, training, layout, isa):
     g = torch.Generator().manual_seed(1)
     shape = (3, 4, 3, 2)
     x = lay_out(torch.randn(shape, generator=g, dtype=torch.float64), layout).requires_grad_()

@@ -32,8 +32,10 @@ CASES = [
     (2, 3, 7, 7, 1, (2, 4), 1, "same", 1, True),
     (2, 3, 13, 7, 1, (3, 5), (2, 1), (0, 2), (1, 2), True),
     (1, 3, 5, 5, 1, 3, 1, 4, 1, True),  # padding beyond the kernel's reach
-    # wide: full register blocks of channels, then narrower constant-width ones, then a ragged rest
+    # wide: full register blocks of channels (16 to 64 of them, by ISA and dtype), then narrower
+    # constant-width ones, then a ragged rest
     (1, 61, 9, 9, 1, 3, 1, 1, 1, True),
+    (1, 150, 6, 9, 1, 3, 1, 1, 1, False),
     (1, 19, 8, 8, 2, 3, 2, 1, 1, False),
 ]
 
@@ -83,7 +85,7 @@ def compare(case, layout, dtype, device="cpu", seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=cid)
-def test_matches_conv2d(case, layout, dtype):
+def test_matches_conv2d(case, layout, dtype, isa):
     got, ref = compare(case, layout, dtype)
     for name, a, e, n in zip(["y", "grad_x", "grad_weight", "grad_bias"], got, ref, counts(ref[0], ref[2], case[4])):
         assert_close(name, a, e, dtype=dtype, n=n)
@@ -114,7 +116,7 @@ def test_fused_epilogue(activation, layout, grad):
 
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_gradcheck_cpu_kernel(layout, activation):
+def test_gradcheck_cpu_kernel(layout, activation, isa):
     """fp64 gradcheck of the op itself (its registered autograd), stride 2, dilation 2, multiplier 2."""
     assert fastdl._backends.choose("depthwise_conv2d", "cpu", torch.float64).name == "cpp"
     g = torch.Generator().manual_seed(5)
@@ -171,7 +173,7 @@ def test_gradient_penalty_matches_conv2d(layout, stride):
         assert_close(name, got, want, n=x.numel())
 
 
-def test_weight_grad_is_deterministic():
+def test_weight_grad_is_deterministic(isa):
     (x, w, b), kw = make_inputs((4, 8, 13, 13, 1, 5, 1, 2, 1, True), seed=6)
     x, w = x.float().contiguous(memory_format=torch.channels_last), w.float()
     dy = torch.randn(4, 8, 13, 13).contiguous(memory_format=torch.channels_last)

@@ -60,7 +60,7 @@ def outputs_and_grads(fn, args, seed=1):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("shape", SHAPES, ids=sid)
 @pytest.mark.parametrize("mode", MODES)
-def test_scan_matches_reference(mode, shape, reverse, dtype):
+def test_scan_matches_reference(mode, shape, reverse, dtype, isa):
     compare_scan(mode, shape, reverse, dtype, "cpu")
 
 
@@ -100,7 +100,7 @@ def test_without_bias_and_workspace(mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", [(3, 4, 5, None), (4, 3, 3, [3, 2, 2, 1])], ids=sid)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_gradcheck_cpu_kernel(mode, shape, reverse):
+def test_gradcheck_cpu_kernel(mode, shape, reverse, isa):
     gx, bs, h0, c0, w_hh, b_hh = make_inputs(mode, shape)
     leaves = [t for t in (gx, h0, c0, w_hh, b_hh) if t is not None]
 
@@ -266,7 +266,7 @@ def cell_id(case):
 
 
 @pytest.mark.parametrize("case", CELL_CASES, ids=cell_id)
-def test_cell_matches_reference(case):
+def test_cell_matches_reference(case, isa):
     mode, batched, with_state, bias = case
     args = cell_inputs(mode, batched, with_state, bias)
     leaves = [t for t in args if t is not None]

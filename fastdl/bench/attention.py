@@ -7,7 +7,7 @@ it; on CUDA also each SDPA backend on its own ("sdpa-flash", "sdpa-efficient", "
 other sequence: fastdl takes key_padding_mask, SDPA a (N, 1, 1, S) bool attn_mask.
 Module cases (x of (N, L, E), self-attention, batch_first): fastdl.FusedAttention against
 nn.MultiheadAttention, both called by default (need_weights=True: the averaged weights returned)
-or with need_weights=False ("-noweights").
+or with need_weights=False ("-noweights"); "-causal" ones pass the (L, L) causal mask and is_causal.
 fwd is inference (no_grad); fwd+bwd the forward and torch.autograd.grad of q, k, v (functional) or
 of x and every parameter (module). flops: 4 N H L S D for the forward (halved when causal), 2.5
 times that for the backward. quick: one functional and one module shape, forward+backward.
@@ -38,10 +38,12 @@ def functional_case(N, H, L, D, dtype, causal, pad, pass_):
                 causal=causal, pad=pad, **{"pass": pass_}, flops=flops(N, H, L, D, causal, pass_))
 
 
-def module_case(N, L, E, H, dtype, need_weights, pass_):
-    name = f"mha-N{N}-L{L}-E{E}-H{H}-{DTYPE_NAMES[dtype]}" + ("" if need_weights else "-noweights") + f"-{pass_}"
+def module_case(N, L, E, H, dtype, need_weights, pass_, causal=False):
+    name = (f"mha-N{N}-L{L}-E{E}-H{H}-{DTYPE_NAMES[dtype]}" + ("-causal" if causal else "")
+            + ("" if need_weights else "-noweights") + f"-{pass_}")
     return dict(op="attention", kind="module", name=name, shape=[N, L, E], heads=H, dtype=dtype_name(dtype),
-                need_weights=need_weights, **{"pass": pass_}, flops=flops(N, H, L, E // H, False, pass_))
+                need_weights=need_weights, causal=causal, **{"pass": pass_},
+                flops=flops(N, H, L, E // H, causal, pass_))
 
 
 def cases(device, quick, dtypes=None):
@@ -123,9 +125,12 @@ def module_step(impl, case, device):
     x = torch.randn(N, L, E, device=device, dtype=dtype, requires_grad=case["pass"] != "fwd")
     nw = case["need_weights"]
     call = torch.compile(module, fullgraph=True) if impl == "compile" else module
+    # causal: MultiheadAttention takes is_causal only as a hint beside the (L, L) mask; fastdl ignores the mask.
+    causal = dict(attn_mask=torch.ones(L, L, dtype=torch.bool, device=device).triu(1), is_causal=True) \
+        if case.get("causal") else {}
 
     def attend():
-        return call(x, x, x, need_weights=nw)[0]
+        return call(x, x, x, need_weights=nw, **causal)[0]
     return harness.grad_step(attend, [x, *module.parameters()], case)
 
 

@@ -16,7 +16,6 @@ date, threads).
 """
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -26,6 +25,7 @@ import torch
 
 import fastdl
 from fastdl import _backends
+from fastdl._info import cpu_model
 
 IMPLS = ("fastdl", "eager", "compile")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -195,13 +195,7 @@ def git_commit():
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 # The x86 vector extensions the CPU kernels' speed depends on, as /proc/cpuinfo names them.
@@ -227,7 +221,8 @@ def conditions(device, cpu_timer):
     info = fastdl.info()
     return dict(
         device=device.type, device_name=device_name(device), cpu=device_name(torch.device("cpu")),
-        cpu_isa=cpu_isa(), versions=info["versions"],
+        cpu_isa=cpu_isa(), kernel_isa={k: info["cpu"].get(k) for k in ("active", "reason", "supported")},
+        versions=info["versions"],
         commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         threads=torch.get_num_threads(), extension_build=info["extension"]["build"],
         timer="triton.testing.do_bench median (CUDA events, L2 flushed)" if device.type == "cuda" else cpu_timer,

@@ -149,6 +149,7 @@ MASKS = [
 ]
 LAYOUTS = [
     Case(2, 4, 2, 33, 70, 40, causal=True, layout="qkv-view"),
+    Case(1, 4, 2, 40, 300, 24, mask="kpm", layout="qkv-view"),  # >= 256 keys: k and v copied to dense rows
     Case(2, 4, 2, 33, 70, 40, layout="strided", mask="kpm"),
 ]
 

@@ -53,7 +53,9 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 3
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)],
                          [(32, 16, 4, 1)])
 _DELTA_BLOCK_M = 16 if INTERPRET else 64
-_AUTOTUNE_KEY = ["BLOCK_D", "IS_CAUSAL"]
+# Every constexpr but the tuned block sizes: each variant (masks, padding, lengths, causal, dropout)
+# is its own code, with its own registers, so a config tuned on one is never reused for another.
+_AUTOTUNE_KEY = ["HEAD_DIM", "BLOCK_D", "HAS_MASK", "HAS_KPM", "HAS_LENGTHS", "IS_CAUSAL", "DROPOUT"]
 
 
 # ---- shared pieces ---------------------------------------------------------------------------------

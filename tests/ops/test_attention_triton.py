@@ -223,3 +223,15 @@ def test_cuda_within_twice_pytorch_error(dtype, D, L, causal):
         limit = 2 * max_error(t, b) + TOLERANCES[dtype][0]
         err = max_error(a, b)
         assert err <= limit, f"{name}: error {err:.3g} > twice PyTorch's {dtype} error ({limit:.3g})"
+
+
+@pytest.mark.parametrize("name", ["_forward_kernel", "_dkdv_kernel", "_dq_kernel"])
+def test_autotune_key_holds_every_variant(name):
+    """A config tuned on the plain variant must not be reused for a masked / dropout one: the
+    autotuner's key names every constexpr of the kernel except the block sizes it tunes."""
+    import inspect
+
+    tuner = getattr(kernels, name)
+    params = inspect.signature(tuner.fn.fn).parameters  # the Python function under the JIT / interpreter
+    constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+    assert constexprs - {"BLOCK_M", "BLOCK_N"} <= set(tuner.keys), constexprs - set(tuner.keys)

@@ -115,3 +115,11 @@ def test_quick_cases_are_few_and_named_once(stem, device):
     names = [c["name"] for c in cases]
     assert 0 < len(cases) <= 4
     assert len(set(names)) == len(names), names
+
+
+def test_the_isa_group_runs_only_when_named():
+    """The isa stem regroups other stems' cases: not measured twice by a plain `fastdl bench`."""
+    everything, _ = run.select("cpu", True, torch.float32)
+    assert everything and all(c["op"] != "isa" for _, c in everything)
+    named, _ = run.select("cpu", True, torch.float32, ["isa"])
+    assert named and all(c["op"] == "isa" for _, c in named)

@@ -7,7 +7,10 @@ import torch
 from fastdl.bench import STEMS, harness, report
 from fastdl.bench.harness import dtype_name
 
-BUDGET = {True: 0.5, False: 2.0}  # seconds of timed calls per impl and case, with --quick or not
+BUDGET = {True: 0.5, False: 2.0}
+# Stems whose cases are other stems' cases regrouped (isa: the portable-CPU targets, run once per
+# ISA copy by benchmarks/isa.py): measured only when --only names them.
+ON_REQUEST = ("isa",)  # seconds of timed calls per impl and case, with --quick or not
 CPU_TIMER = "median of wall-clock calls (5 or more, for {budget} s) after 3 warm-up calls"
 
 
@@ -24,11 +27,13 @@ def names():
 
 def select(device, quick, dtype, only=()):
     """The (stem module, case) pairs to measure on `device` ("cpu" or "cuda") in `dtype`, of the
-    stems and models named in `only` (all when empty), and a line per stem skipped: an op for which
+    stems and models named in `only` (all but ON_REQUEST when empty), and a line per stem skipped: an op for which
     fastdl would run its pure-PyTorch reference (as fastdl.info() reports it), the models when any op would."""
     fallbacks = {op: why for op in STEMS if (why := harness.fallback(op, device, dtype))}
     picked, skipped = [], []
     for name in STEMS:
+        if name in ON_REQUEST and name not in only:
+            continue
         module = stem(name)
         cases = [c for c in module.cases(device, quick, [dtype])
                  if not only or c["op"] in only or c.get("model") in only]

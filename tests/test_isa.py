@@ -181,3 +181,14 @@ def test_each_copy_has_its_isa_and_nothing_else_needs_avx():
     for isa in ("avx2", "avx512"):
         wide = found[isa]["zmm" if isa == "avx512" else "ymm"]
         assert {k for k in kernels if any(k in name for name in wide)} == kernels, isa
+
+
+def test_a_cpu_below_x86_64_v2_runs_the_reference_and_says_why(monkeypatch):
+    """The C++ kernels' baseline needs x86-64-v2: without it every CPU op runs its reference."""
+    from fastdl import _backends
+
+    monkeypatch.setattr(_extension, "cpu_isa", lambda: dict(fastdl.cpu_isa(), supported="none"))
+    monkeypatch.setattr(_backends, "_CHOSEN", {})
+    for op in _backends.OPS:
+        b = _backends.choose(op, "cpu", torch.float32)
+        assert (b.name, b.reason) == ("reference", "the C++ kernels need an x86-64-v2 CPU (SSE4.2, POPCNT)"), op

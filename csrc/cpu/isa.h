@@ -48,19 +48,18 @@ Isa resolve_isa(const std::string& what, const std::string& name, const std::str
   __VA_ARGS__                        \
   }
 
-#ifdef FASTDL_HAVE_AVX512
-#define FASTDL_ISA_CASE_AVX512(fn, ...) \
-  case ::fastdl::cpu::Isa::Avx512:      \
-    ::fastdl::cpu::avx512::fn(__VA_ARGS__); \
+// One case of FASTDL_CPU_DISPATCH: the copy of namespace `ns` for Isa::`isa`, where it is built.
+#define FASTDL_ISA_CASE(isa, ns, fn, ...) \
+  case ::fastdl::cpu::Isa::isa:           \
+    ::fastdl::cpu::ns::fn(__VA_ARGS__);   \
     break;
+#ifdef FASTDL_HAVE_AVX512
+#define FASTDL_ISA_CASE_AVX512(fn, ...) FASTDL_ISA_CASE(Avx512, avx512, fn, __VA_ARGS__)
 #else
 #define FASTDL_ISA_CASE_AVX512(fn, ...)
 #endif
 #ifdef FASTDL_HAVE_AVX2
-#define FASTDL_ISA_CASE_AVX2(fn, ...) \
-  case ::fastdl::cpu::Isa::Avx2:      \
-    ::fastdl::cpu::avx2::fn(__VA_ARGS__); \
-    break;
+#define FASTDL_ISA_CASE_AVX2(fn, ...) FASTDL_ISA_CASE(Avx2, avx2, fn, __VA_ARGS__)
 #else
 #define FASTDL_ISA_CASE_AVX2(fn, ...)
 #endif

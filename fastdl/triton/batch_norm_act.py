@@ -22,8 +22,8 @@ ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2, "leaky_relu": 3}
 
 @triton.jit
 def _offsets(r, c, C, HW, CHANNELS_LAST: tl.constexpr):
-    """Element offsets of positions r ([1, BLOCK_R]) and channels c ([BLOCK_C, 1])."""
-    r, c = r.to(tl.int64), c.to(tl.int64)  # offsets past 2^31 elements (one plane c * HW included)
+    """Element offsets of positions r ([1, BLOCK_R]) and channels c ([BLOCK_C, 1]), both int64 (as
+    every offset in these kernels: past 2^31 elements, one plane c * HW or position r included)."""
     if CHANNELS_LAST:
         return r * C + c
     return (r // HW) * C * HW + r % HW + c * HW
@@ -62,9 +62,9 @@ def _stats_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, HW, M, ROWS_PER_SPLIT,
                   ACC: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    r_start = pid_s * ROWS_PER_SPLIT
+    r_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
     r_end = tl.minimum(r_start + ROWS_PER_SPLIT, M)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -79,8 +79,8 @@ def _stats_kernel(x_ptr, part_mean_ptr, part_m2_ptr, C, HW, M, ROWS_PER_SPLIT,
         delta = tile_mean - mean
         mean += delta * (cnt / (seen + cnt))
         m2 += tl.sum(dev * dev, axis=1) + delta * delta * (seen * cnt / (seen + cnt))
-    tl.store(part_mean_ptr + pid_s * C + c, mean, mask=c_ok)
-    tl.store(part_m2_ptr + pid_s * C + c, m2, mask=c_ok)
+    tl.store(part_mean_ptr + pid_s.to(tl.int64) * C + c, mean, mask=c_ok)
+    tl.store(part_m2_ptr + pid_s.to(tl.int64) * C + c, m2, mask=c_ok)
 
 
 @triton.jit
@@ -93,16 +93,16 @@ def _forward_kernel(x_ptr, res_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, part_mean_ptr,
                     BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     pid_r = tl.program_id(0)  # position blocks on axis 0 (up to 2^31 - 1; axis 1 stops at 65535)
     pid_c = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if TRAINING:
         # Exact combination of the split partials: mean = sum(n_i mean_i) / M,
         # M2 = sum(M2_i + n_i (mean_i - mean)^2).
         s = tl.arange(0, BLOCK_S)
         ok = (s < SPLIT)[:, None] & c_ok[None, :]
-        n = tl.minimum(tl.maximum(M - s * ROWS_PER_SPLIT, 0), ROWS_PER_SPLIT).to(ACC)[:, None]
-        pm = tl.load(part_mean_ptr + s[:, None] * C + c[None, :], mask=ok, other=0.0)
-        pm2 = tl.load(part_m2_ptr + s[:, None] * C + c[None, :], mask=ok, other=0.0)
+        n = tl.minimum(tl.maximum(M - s.to(tl.int64) * ROWS_PER_SPLIT, 0), ROWS_PER_SPLIT).to(ACC)[:, None]
+        pm = tl.load(part_mean_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0)
+        pm2 = tl.load(part_m2_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0)
         mean = tl.sum(pm * n, axis=0) / M
         dev = tl.where(ok, pm - mean[None, :], 0.0)
         m2 = tl.sum(pm2 + dev * dev * n, axis=0)
@@ -127,7 +127,7 @@ def _forward_kernel(x_ptr, res_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, part_mean_ptr,
     shift = tl.zeros([BLOCK_C], ACC)
     if HAS_B:
         shift = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = c_ok[:, None] & (r < M)[None, :]
     offs = _offsets(r[None, :], c[:, None], C, HW, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
@@ -146,10 +146,10 @@ def _grad_stats_kernel(dy_ptr, x_ptr, mask_ptr, mean_ptr, part_dz_ptr, part_dzx_
                        BLOCK_R: tl.constexpr, ACC: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
-    r_start = pid_s * ROWS_PER_SPLIT
+    r_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
     r_end = tl.minimum(r_start + ROWS_PER_SPLIT, M)
     s_dz = tl.zeros([BLOCK_C], ACC)
     s_dzx = tl.zeros([BLOCK_C], ACC)
@@ -163,8 +163,8 @@ def _grad_stats_kernel(dy_ptr, x_ptr, mask_ptr, mean_ptr, part_dz_ptr, part_dzx_
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
         s_dz += tl.sum(dz, axis=1)
         s_dzx += tl.sum(tl.where(ok, dz * (x - mean[:, None]), 0.0), axis=1)
-    tl.store(part_dz_ptr + pid_s * C + c, s_dz, mask=c_ok)
-    tl.store(part_dzx_ptr + pid_s * C + c, s_dzx, mask=c_ok)
+    tl.store(part_dz_ptr + pid_s.to(tl.int64) * C + c, s_dz, mask=c_ok)
+    tl.store(part_dzx_ptr + pid_s.to(tl.int64) * C + c, s_dzx, mask=c_ok)
 
 
 @triton.jit
@@ -175,12 +175,12 @@ def _backward_kernel(dy_ptr, x_ptr, mask_ptr, w_ptr, mean_ptr, invstd_ptr, part_
                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
     pid_r = tl.program_id(0)  # as in _forward_kernel
     pid_c = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     s = tl.arange(0, BLOCK_S)
     ok = (s < SPLIT)[:, None] & c_ok[None, :]
-    sum_dz = tl.sum(tl.load(part_dz_ptr + s[:, None] * C + c[None, :], mask=ok, other=0.0), axis=0)
-    sum_dzx = tl.sum(tl.load(part_dzx_ptr + s[:, None] * C + c[None, :], mask=ok, other=0.0), axis=0)
+    sum_dz = tl.sum(tl.load(part_dz_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0), axis=0)
+    sum_dzx = tl.sum(tl.load(part_dzx_ptr + s.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0), axis=0)
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0).to(ACC)
     invstd = tl.load(invstd_ptr + c, mask=c_ok, other=0.0).to(ACC)
     if pid_r == 0:
@@ -195,7 +195,7 @@ def _backward_kernel(dy_ptr, x_ptr, mask_ptr, w_ptr, mean_ptr, invstd_ptr, part_
     if TRAINING:
         b = -a * invstd * invstd * sum_dzx / M
         d = -a * sum_dz / M
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = c_ok[:, None] & (r < M)[None, :]
     offs = _offsets(r[None, :], c[:, None], C, HW, CHANNELS_LAST)
     dz = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC)

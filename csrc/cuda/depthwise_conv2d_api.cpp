@@ -23,7 +23,7 @@ using OptTensor = std::optional<Tensor>;
 using depthwise::Shape;
 
 // x on a CUDA device, of a dtype the kernels are built for, with sizes their 32-bit index math
-// within a plane can hold.
+// within a plane can hold (sizes, strides, kernel area below 2^30; a plane below 2^31).
 void check_cuda_x(const Tensor& x, const Shape& s) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
   const auto t = x.scalar_type();
@@ -35,6 +35,12 @@ void check_cuda_x(const Tensor& x, const Shape& s) {
                     "x: the CUDA kernel expects padded spatial sizes, strides and kernel area below 2^30, got ",
                     "size ", s.H, "x", s.W, ", padding ", s.pad_h, ",", s.pad_w, ", stride ", s.stride_h, ",",
                     s.stride_w, ", kernel ", s.KH, "x", s.KW);
+  // The kernels split a flat position into (n, plane offset) in int64 and keep the plane offset (and
+  // the tile index within a plane, at most the plane's size) in int: each plane must hold it.
+  constexpr int64_t kPlane = (int64_t(1) << 31) - 1;
+  TORCH_CHECK_VALUE(s.H * s.W <= kPlane && s.OH * s.OW <= kPlane,
+                    "x: the CUDA kernel expects input and output planes (H*W, OH*OW) of at most 2^31 - 1 elements, ",
+                    "got ", s.H, "x", s.W, " -> ", s.OH, "x", s.OW);
 }
 
 // Calls f(T*{}) with the CUDA type of `type`.

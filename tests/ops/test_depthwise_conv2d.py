@@ -361,6 +361,16 @@ def test_cuda_matches_conv2d(case, layout, dtype):
         assert ours <= 2 * torch_own + TOLERANCES[dtype][0], f"{name}: error {ours:.3g}, PyTorch's {torch_own:.3g}"
 
 
+@pytest.mark.cuda
+def test_cuda_plane_over_int32_is_an_error():
+    """A plane of 2^31 elements would overflow the kernels' int plane offsets: an error naming x
+    (the kernels keep n in int64, the offset within a plane in int)."""
+    x = torch.empty(1, 1, 2**16, 2**15 + 1, dtype=torch.float16, device="cuda")
+    w = torch.ones(1, 1, 1, 1, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match=r"x: the CUDA kernel expects input and output planes"):
+        F.depthwise_conv2d(x, w)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_cpu_autocast_follows_conv2d(layout):
     """Under torch.autocast("cpu", bfloat16), like nn.Conv2d: a bfloat16 output within twice nn's

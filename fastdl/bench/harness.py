@@ -155,16 +155,25 @@ def copy_bandwidth(device):
     return 2 * src.nbytes / cuda_median(lambda: dst.copy_(src))
 
 
+def matmul_flops(device, n=8192):
+    """FLOP/s of a large bf16 matmul (n x n by n x n, 2 n^3 flops): the device's tensor-core ceiling."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    return 2 * n**3 / cuda_median(lambda: a @ b)
+
+
 def record_of(records, case):
     """The record of `case` in `records` (keyed by (op, name)), made on first use: the case, and per
     impl its median seconds, its peak bytes, or why it was not measured."""
     return records.setdefault((case["op"], case["name"]), dict(case=case, seconds={}, peak_bytes={}, skipped={}))
 
 
-def summarize(record, copy_bps):
+def summarize(record, copy_bps, matmul_fps=None):
     """One JSON row: the case, its medians and peak memory, each baseline's time over fastdl's
     (fastdl / eager / compile first, then any other baselines the benchmark measured, e.g. SDPA's
-    backends), the impls not measured and why, and on CUDA GB/s; TFLOP/s when the case counts its flops."""
+    backends), the impls not measured and why, and on CUDA GB/s and its fraction of the copy
+    ceiling; TFLOP/s when the case counts its flops (on CUDA with its fraction of the bf16 matmul
+    ceiling)."""
     case, sec = record["case"], record["seconds"]
     fast = sec.get("fastdl")
     impls = list(IMPLS) + sorted(set(sec) - set(IMPLS))
@@ -174,6 +183,8 @@ def summarize(record, copy_bps):
         row[f"{impl}_over_fastdl"] = sec[impl] / fast if fast and sec.get(impl) else None
     if case.get("flops"):
         row["tflops"] = {impl: case["flops"] / t / 1e12 for impl, t in sec.items() if t}
+        if matmul_fps and fast:
+            row["fastdl_fraction_of_matmul"] = case["flops"] / fast / matmul_fps
     if copy_bps is not None:
         row["fastdl_gbps"] = case["bytes"] / fast / 1e9 if fast and case.get("bytes") else None
         row["fastdl_fraction_of_copy"] = case["bytes"] / fast / copy_bps if fast and case.get("bytes") else None
@@ -230,8 +241,11 @@ def conditions(device, cpu_timer):
 
 
 def results(records, device, cpu_timer, **about):
-    """The results of a run: its conditions, `about` it, the device's copy bandwidth on CUDA (GB/s),
-    and a row per case."""
-    copy_bps = copy_bandwidth(device) if device.type == "cuda" else None
+    """The results of a run: its conditions, `about` it, the device's two ceilings on CUDA (copy
+    GB/s, bf16 matmul TFLOP/s, measured in the same run), and a row per case."""
+    cuda = device.type == "cuda"
+    copy_bps = copy_bandwidth(device) if cuda else None
+    matmul_fps = matmul_flops(device) if cuda else None
     return dict(conditions(device, cpu_timer), **about, copy_gbps=copy_bps / 1e9 if copy_bps else None,
-                cases=[summarize(r, copy_bps) for r in records.values()])
+                matmul_tflops=matmul_fps / 1e12 if matmul_fps else None,
+                cases=[summarize(r, copy_bps, matmul_fps) for r in records.values()])

@@ -81,6 +81,10 @@ def table(device_type: str):
     for op in sorted(OPS):
         for dtype in dtypes:
             b = choose(op, device_type, dtype)
+            if b.name == "triton" and op == "attention" and dtype == torch.float32:  # read per call, as torch's
+                tf32 = torch.backends.cuda.matmul.allow_tf32
+                b = Backend(b.name, f"{b.reason}, {'TF32' if tf32 else 'IEEE fp32'} dots "
+                                    f"(torch.backends.cuda.matmul.allow_tf32={tf32})")
             if device_type == "cuda" and not torch.cuda.is_available():
                 b = Backend("unavailable", f"no CUDA device visible; with one: {b.name} ({b.reason})")
             if b.name == "cpp":  # the ISA copy is chosen per call: read it now, not from the cache

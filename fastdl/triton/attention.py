@@ -20,49 +20,31 @@ results are deterministic.
 Dropout keeps p_ij by the counter-based hash of fastdl.reference.attention.dropout_keep, computed
 in uint32 (the multiplications wrap mod 2**32), bit for bit the reference's mask.
 
-fp32 inputs use IEEE fp32 dot products (tf32 would be several times faster on tensor cores, at
-about 1e-3 relative error). No Hopper-specific paths (TMA descriptors, warp specialisation): they
-are not written because no GPU was at hand to measure them.
+fp32 inputs follow torch.backends.cuda.matmul.allow_tf32: TF32 dots on tensor cores when torch
+allows TF32 for fp32 matmuls (about 1e-3 relative error), else IEEE fp32 FMAs with small tiles.
+Head dims up to 256. Every pointer offset is formed in int64. Configs and their pruning per device
+and variant: attention_configs.py. No Hopper-specific paths (TMA descriptors, warp
+specialisation): they are not written because no GPU was at hand to measure them.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from fastdl.reference.attention import dropout_threshold
+from fastdl.triton import attention_configs as configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(gpu, interpreter):
-    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages): the GPU list, or under the
-    interpreter one small config (BLOCK_M != BLOCK_N, so the block-bound arithmetic is exercised)."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in (interpreter if INTERPRET else gpu)]
-
-
-# Query blocks (BLOCK_M) by key blocks (BLOCK_N). The autotuner also keys on the tensors' dtypes.
-_FORWARD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-                            [(16, 32, 4, 1)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)], [(16, 32, 4, 1)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)],
-                         [(32, 16, 4, 1)])
-_DELTA_BLOCK_M = 16 if INTERPRET else 64
-# Every constexpr but the tuned block sizes: each variant (masks, padding, lengths, causal, dropout)
-# is its own code, with its own registers, so a config tuned on one is never reused for another.
-_AUTOTUNE_KEY = ["HEAD_DIM", "BLOCK_D", "HAS_MASK", "HAS_KPM", "HAS_LENGTHS", "IS_CAUSAL", "DROPOUT"]
-
-
 # ---- shared pieces ---------------------------------------------------------------------------------
 
 @triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b accumulated in fp32. PREC ("ieee" or "tf32") decides fp32 operands only: fp16 / bf16
+    ones always run on tensor cores."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -106,8 +88,17 @@ def _key_end(LENS, n, stride_len, S, HAS_LENGTHS: tl.constexpr):
 
 @triton.jit
 def _rows(base, n, h, rows, cols, stride_n, stride_h, stride_r, stride_c):
-    """Pointers [len(rows), len(cols)] to elements (n, h, rows, cols) of a 4-D tensor at `base`."""
-    return base + n * stride_n + h * stride_h + rows[:, None] * stride_r + cols[None, :] * stride_c
+    """Pointers [len(rows), len(cols)] to elements (n, h, rows, cols) of a 4-D tensor at `base`
+    (n, h int64). Every offset is formed in int64: one (n, h) slice may pass 2^31 elements."""
+    return base + n * stride_n + h * stride_h + rows.to(tl.int64)[:, None] * stride_r + \
+        cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _rows_t(base, n, h, rows, cols, stride_n, stride_h, stride_r, stride_c):
+    """`_rows` transposed: pointers [len(cols), len(rows)]."""
+    return base + n * stride_n + h * stride_h + rows.to(tl.int64)[None, :] * stride_r + \
+        cols.to(tl.int64)[:, None] * stride_c
 
 
 @triton.jit
@@ -127,7 +118,7 @@ def _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS: tl.constexp
 def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi, offs_m, offs_n, m_ok, d_ok,
                     end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, row_h, threshold,
                     HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+                    DROPOUT: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Online-softmax update of (acc [BLOCK_M, BLOCK_D], l_i, m_i [BLOCK_M]) over the key blocks
     starting in [lo, hi). Scores are in base 2. MASKED: apply the bound (j < end_n) and causal
     masks, needed only on the blocks at the end of the range."""
@@ -138,10 +129,11 @@ def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi,
         if MASKED:
             k_ok = k_ok & (cols < end_n)[None, :]
             v_ok = v_ok & (cols < end_n)[:, None]
-        kT = tl.load(k_ptrs + start_n * stride_kj, mask=k_ok, other=0.0)
-        s = _dot(q, kT) * qk_scale
+        kT = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kj, mask=k_ok, other=0.0)
+        s = _dot(q, kT, PREC) * qk_scale
         if HAS_MASK:
-            am = tl.load(am_ptrs + start_n * stride_aj, mask=m_ok[:, None] & (cols < S)[None, :], other=0.0)
+            am = tl.load(am_ptrs + tl.cast(start_n, tl.int64) * stride_aj, mask=m_ok[:, None] & (cols < S)[None, :],
+                         other=0.0)
             s += am.to(tl.float32) * LOG2E
         if MASKED:
             ok = (cols < end_n)[None, :]
@@ -149,7 +141,7 @@ def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi,
                 ok = ok & (offs_m[:, None] >= cols[None, :])
             s = tl.where(ok, s, float("-inf"))
         if HAS_KPM:
-            attend = tl.load(kpm_ptrs + start_n * stride_pj, mask=cols < S, other=0) != 0
+            attend = tl.load(kpm_ptrs + tl.cast(start_n, tl.int64) * stride_pj, mask=cols < S, other=0) != 0
             s = tl.where(attend[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing attended so far
@@ -158,21 +150,22 @@ def _forward_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi,
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_keep(row_h[:, None], _col_hash(cols)[None, :], threshold), p, 0.0)
-        v = tl.load(v_ptrs + start_n * stride_vj, mask=v_ok, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        v = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vj, mask=v_ok, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.autotune(configs=configs.FORWARD, key=configs.KEY,
+                 prune_configs_by={"early_config_prune": configs.Prune("_forward_kernel")})
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "L_BUCKET", "S_BUCKET"])
 def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
                     stride_qn, stride_qh, stride_qm, stride_qd, stride_kn, stride_kh, stride_kj, stride_kd,
                     stride_vn, stride_vh, stride_vj, stride_vd, stride_an, stride_ah, stride_am, stride_aj,
                     stride_pn, stride_pj, stride_len, stride_on, stride_oh, stride_om, stride_od,
-                    H, L, S, GROUP, qk_scale, seed_lo, seed_hi, threshold, keep_scale,
+                    H, L, S, GROUP, qk_scale, seed_lo, seed_hi, threshold, keep_scale, L_BUCKET, S_BUCKET,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                    HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(L, BLOCK_M), H, N). Loads a q tile [BLOCK_M, BLOCK_D] and streams k^T
     [BLOCK_D, BLOCK_N], v [BLOCK_N, BLOCK_D] (and the attn_mask tile, key_padding_mask slice).
@@ -188,10 +181,10 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     q = tl.load(_rows(Q, n, h, offs_m, offs_d, stride_qn, stride_qh, stride_qm, stride_qd),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     hk = h // GROUP
-    k_ptrs = K + n * stride_kn + hk * stride_kh + offs_n[None, :] * stride_kj + offs_d[:, None] * stride_kd
+    k_ptrs = _rows_t(K, n, hk, offs_n, offs_d, stride_kn, stride_kh, stride_kj, stride_kd)
     v_ptrs = _rows(V, n, hk, offs_n, offs_d, stride_vn, stride_vh, stride_vj, stride_vd)
     am_ptrs = _rows(AM, n, h, offs_m, offs_n, stride_an, stride_ah, stride_am, stride_aj)
-    kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
+    kpm_ptrs = KPM + n * stride_pn + offs_n.to(tl.int64) * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
     full_n, end_n = _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -202,11 +195,11 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, 0, full_n, offs_m, offs_n, m_ok, d_ok, end_n, S,
         stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, row_h, threshold,
-        HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, False, BLOCK_N)
+        HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, False, BLOCK_N, PREC)
     acc, l_i, m_i = _forward_blocks(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, full_n, end_n, offs_m, offs_n, m_ok, d_ok, end_n, S,
         stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, row_h, threshold,
-        HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, True, BLOCK_N)
+        HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, True, BLOCK_N, PREC)
 
     live = l_i > 0  # else no key was attended (or all scores were -inf): out 0, lse +inf
     l_safe = tl.where(live, l_i, 1.0)
@@ -214,7 +207,7 @@ def _forward_kernel(Q, K, V, AM, KPM, LENS, OUT, LSE,
     tl.store(_rows(OUT, n, h, offs_m, offs_d, stride_on, stride_oh, stride_om, stride_od),
              out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = tl.where(live, (m_i + tl.log2(l_safe)) * LN2, float("inf"))
-    tl.store(LSE + (n * H + h) * L + offs_m, lse, mask=m_ok)
+    tl.store(LSE + ((n * H + h) * L + offs_m), lse, mask=m_ok)
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -236,14 +229,14 @@ def _delta_kernel(OUT, DO, DELTA, stride_on, stride_oh, stride_om, stride_od,
     do = tl.load(_rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd),
                  mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (n * H + h) * L + offs_m, delta, mask=offs_m < L)
+    tl.store(DELTA + ((n * H + h) * L + offs_m), delta, mask=offs_m < L)
 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, am_ptrs, LSE_H, DELTA_H, lo, hi, offs_m, offs_n, n_ok, d_ok,
                  L, stride_qm, stride_gm, stride_am, stride_lm, qk_scale, keep_scale, row0, col_h,
                  seed_lo, seed_hi, threshold, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                 CAUSAL_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+                 CAUSAL_MASK: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr):
     """Adds to dk, dv [BLOCK_N, BLOCK_D] the contributions of the query blocks starting in [lo, hi)
     of one query head, in the transposed orientation (key rows, query columns). Key-side masks
     (bounds, padding) are applied by the caller on the result: a key's row of dk / dv depends on
@@ -251,40 +244,42 @@ def _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, am_ptrs, LSE_H, DELTA_H, lo, hi,
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         r_ok = rows < L
-        qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_gm, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE_H + rows * stride_lm, mask=r_ok, other=float("inf"))  # rows past L: P = 0
-        delta = tl.load(DELTA_H + rows, mask=r_ok, other=0.0)
-        sT = _dot(k, qT) * qk_scale
+        qT = tl.load(q_ptrs + tl.cast(start_m, tl.int64) * stride_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs + tl.cast(start_m, tl.int64) * stride_gm, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(LSE_H + rows.to(tl.int64) * stride_lm, mask=r_ok, other=float("inf"))  # rows past L: P = 0
+        delta = tl.load(DELTA_H + rows.to(tl.int64), mask=r_ok, other=0.0)
+        sT = _dot(k, qT, PREC) * qk_scale
         if HAS_MASK:
-            am = tl.load(am_ptrs + start_m * stride_am, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            am = tl.load(am_ptrs + tl.cast(start_m, tl.int64) * stride_am, mask=n_ok[:, None] & r_ok[None, :],
+                         other=0.0)
             sT += am.to(tl.float32) * LOG2E
         pT = tl.exp2(sT - (lse * LOG2E)[None, :])
         if CAUSAL_MASK:
             pT = tl.where(rows[None, :] >= offs_n[:, None], pT, 0.0)
-        dpT = _dot(v, tl.trans(do))
+        dpT = _dot(v, tl.trans(do), PREC)
         if DROPOUT:
             keep = _keep(_row_hash(row0 + rows, seed_lo, seed_hi)[None, :], col_h[:, None], threshold)
-            dv += _dot(tl.where(keep, pT * keep_scale, 0.0).to(do.dtype), do)
+            dv += _dot(tl.where(keep, pT * keep_scale, 0.0).to(do.dtype), do, PREC)
             dpT = tl.where(keep, dpT * keep_scale, 0.0)
         else:
-            dv += _dot(pT.to(do.dtype), do)
+            dv += _dot(pT.to(do.dtype), do, PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PREC)
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.autotune(configs=configs.DKDV, key=configs.KEY,
+                 prune_configs_by={"early_config_prune": configs.Prune("_dkdv_kernel")})
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "L_BUCKET", "S_BUCKET"])
 def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
                  stride_qn, stride_qh, stride_qm, stride_qd, stride_kn, stride_kh, stride_kj, stride_kd,
                  stride_vn, stride_vh, stride_vj, stride_vd, stride_an, stride_ah, stride_am, stride_aj,
                  stride_pn, stride_pj, stride_len, stride_gn, stride_gh, stride_gm, stride_gd,
                  stride_ln, stride_lh, stride_lm, stride_dkn, stride_dkh, stride_dkj, stride_dkd,
                  stride_dvn, stride_dvh, stride_dvj, stride_dvd,
-                 H, L, S, GROUP, qk_scale, scale, seed_lo, seed_hi, threshold, keep_scale,
+                 H, L, S, GROUP, qk_scale, scale, seed_lo, seed_hi, threshold, keep_scale, L_BUCKET, S_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-                 HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                 HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(S, BLOCK_N), Hkv, N). Loads k, v tiles [BLOCK_N, BLOCK_D] once, then for each of
     the GROUP query heads of kv head hk streams q^T [BLOCK_D, BLOCK_M], grad_out [BLOCK_M, BLOCK_D],
@@ -319,22 +314,22 @@ def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_ptrs = Q + n * stride_qn + h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+        q_ptrs = _rows_t(Q, n, h, offs_m, offs_d, stride_qn, stride_qh, stride_qm, stride_qd)
         do_ptrs = _rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd)
-        am_ptrs = AM + n * stride_an + h * stride_ah + offs_m[None, :] * stride_am + offs_n[:, None] * stride_aj
+        am_ptrs = _rows_t(AM, n, h, offs_m, offs_n, stride_an, stride_ah, stride_am, stride_aj)
         lse_h = LSE + n * stride_ln + h * stride_lh
         delta_h = DELTA + (n * H + h) * L
         row0 = (n * H + h) * L
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, am_ptrs, lse_h, delta_h, lo, diag, offs_m, offs_n,
                               n_ok, d_ok, L, stride_qm, stride_gm, stride_am, stride_lm, qk_scale, keep_scale,
-                              row0, col_h, seed_lo, seed_hi, threshold, HAS_MASK, DROPOUT, IS_CAUSAL, BLOCK_M)
+                              row0, col_h, seed_lo, seed_hi, threshold, HAS_MASK, DROPOUT, IS_CAUSAL, BLOCK_M, PREC)
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_ptrs, do_ptrs, am_ptrs, lse_h, delta_h, diag, hi, offs_m, offs_n,
                               n_ok, d_ok, L, stride_qm, stride_gm, stride_am, stride_lm, qk_scale, keep_scale,
-                              row0, col_h, seed_lo, seed_hi, threshold, HAS_MASK, DROPOUT, False, BLOCK_M)
+                              row0, col_h, seed_lo, seed_hi, threshold, HAS_MASK, DROPOUT, False, BLOCK_M, PREC)
 
     attended = offs_n < end_n
     if HAS_KPM:
-        attended = attended & (tl.load(KPM + n * stride_pn + offs_n * stride_pj, mask=n_ok, other=0) != 0)
+        attended = attended & (tl.load(KPM + n * stride_pn + offs_n.to(tl.int64) * stride_pj, mask=n_ok, other=0) != 0)
     dk = tl.where(attended[:, None], dk * scale, 0.0)
     dv = tl.where(attended[:, None], dv, 0.0)
     tl.store(_rows(DK, n, hk, offs_n, offs_d, stride_dkn, stride_dkh, stride_dkj, stride_dkd),
@@ -347,7 +342,7 @@ def _dkdv_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DK, DV,
 def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi, offs_m, offs_n, m_ok, d_ok,
                end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, keep_scale, row_h, threshold,
                HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Adds to dq [BLOCK_M, BLOCK_D] (unscaled) the key blocks starting in [lo, hi); MASKED as in
     `_forward_blocks`."""
     for start_n in range(lo, hi, BLOCK_N):
@@ -355,11 +350,12 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi,
         kv_ok = d_ok[:, None]
         if MASKED:
             kv_ok = kv_ok & (cols < end_n)[None, :]
-        kT = tl.load(k_ptrs + start_n * stride_kj, mask=kv_ok, other=0.0)
-        vT = tl.load(v_ptrs + start_n * stride_vj, mask=kv_ok, other=0.0)
-        s = _dot(q, kT) * qk_scale
+        kT = tl.load(k_ptrs + tl.cast(start_n, tl.int64) * stride_kj, mask=kv_ok, other=0.0)
+        vT = tl.load(v_ptrs + tl.cast(start_n, tl.int64) * stride_vj, mask=kv_ok, other=0.0)
+        s = _dot(q, kT, PREC) * qk_scale
         if HAS_MASK:
-            am = tl.load(am_ptrs + start_n * stride_aj, mask=m_ok[:, None] & (cols < S)[None, :], other=0.0)
+            am = tl.load(am_ptrs + tl.cast(start_n, tl.int64) * stride_aj, mask=m_ok[:, None] & (cols < S)[None, :],
+                         other=0.0)
             s += am.to(tl.float32) * LOG2E
         p = tl.exp2(s - (lse * LOG2E)[:, None])
         if MASKED:
@@ -368,27 +364,28 @@ def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, lo, hi,
                 ok = ok & (offs_m[:, None] >= cols[None, :])
             p = tl.where(ok, p, 0.0)
         if HAS_KPM:
-            attend = tl.load(kpm_ptrs + start_n * stride_pj, mask=cols < S, other=0) != 0
+            attend = tl.load(kpm_ptrs + tl.cast(start_n, tl.int64) * stride_pj, mask=cols < S, other=0) != 0
             p = tl.where(attend[None, :], p, 0.0)
-        dp = _dot(do, vT)
+        dp = _dot(do, vT, PREC)
         if DROPOUT:
             keep = _keep(row_h[:, None], _col_hash(cols)[None, :], threshold)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT))
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), PREC)
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+@triton.autotune(configs=configs.DQ, key=configs.KEY,
+                 prune_configs_by={"early_config_prune": configs.Prune("_dq_kernel")})
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "L_BUCKET", "S_BUCKET"])
 def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
                stride_qn, stride_qh, stride_qm, stride_qd, stride_kn, stride_kh, stride_kj, stride_kd,
                stride_vn, stride_vh, stride_vj, stride_vd, stride_an, stride_ah, stride_am, stride_aj,
                stride_pn, stride_pj, stride_len, stride_gn, stride_gh, stride_gm, stride_gd,
                stride_ln, stride_lh, stride_lm, stride_dqn, stride_dqh, stride_dqm, stride_dqd,
-               H, L, S, GROUP, qk_scale, scale, seed_lo, seed_hi, threshold, keep_scale,
+               H, L, S, GROUP, qk_scale, scale, seed_lo, seed_hi, threshold, keep_scale, L_BUCKET, S_BUCKET,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-               HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+               HAS_LENGTHS: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(L, BLOCK_M), H, N). Loads q, grad_out tiles [BLOCK_M, BLOCK_D], lse and delta
     [BLOCK_M], streams k^T, v^T [BLOCK_D, BLOCK_N] over the key range of `_forward_kernel`.
@@ -406,13 +403,13 @@ def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
                 mask=tile_ok, other=0.0)
     do = tl.load(_rows(DO, n, h, offs_m, offs_d, stride_gn, stride_gh, stride_gm, stride_gd),
                  mask=tile_ok, other=0.0)
-    lse = tl.load(LSE + n * stride_ln + h * stride_lh + offs_m * stride_lm, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + (n * H + h) * L + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + n * stride_ln + h * stride_lh + offs_m.to(tl.int64) * stride_lm, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + ((n * H + h) * L + offs_m), mask=m_ok, other=0.0)
     hk = h // GROUP
-    k_ptrs = K + n * stride_kn + hk * stride_kh + offs_n[None, :] * stride_kj + offs_d[:, None] * stride_kd
-    v_ptrs = V + n * stride_vn + hk * stride_vh + offs_n[None, :] * stride_vj + offs_d[:, None] * stride_vd
+    k_ptrs = _rows_t(K, n, hk, offs_n, offs_d, stride_kn, stride_kh, stride_kj, stride_kd)
+    v_ptrs = _rows_t(V, n, hk, offs_n, offs_d, stride_vn, stride_vh, stride_vj, stride_vd)
     am_ptrs = _rows(AM, n, h, offs_m, offs_n, stride_an, stride_ah, stride_am, stride_aj)
-    kpm_ptrs = KPM + n * stride_pn + offs_n * stride_pj
+    kpm_ptrs = KPM + n * stride_pn + offs_n.to(tl.int64) * stride_pj
     row_h = _row_hash((n * H + h) * L + offs_m, seed_lo, seed_hi)
 
     full_n, end_n = _query_block_keys(LENS, n, stride_len, S, L, pid_m, HAS_LENGTHS, IS_CAUSAL, BLOCK_M, BLOCK_N)
@@ -420,10 +417,10 @@ def _dq_kernel(Q, K, V, AM, KPM, LENS, DO, LSE, DELTA, DQ,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, 0, full_n, offs_m, offs_n, m_ok, d_ok,
                     end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, keep_scale, row_h, threshold,
-                    HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, False, BLOCK_N)
+                    HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, False, BLOCK_N, PREC)
     dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, am_ptrs, kpm_ptrs, full_n, end_n, offs_m, offs_n, m_ok,
                     d_ok, end_n, S, stride_kj, stride_vj, stride_aj, stride_pj, qk_scale, keep_scale, row_h,
-                    threshold, HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, True, BLOCK_N)
+                    threshold, HAS_MASK, HAS_KPM, IS_CAUSAL, DROPOUT, True, BLOCK_N, PREC)
     tl.store(_rows(DQ, n, h, offs_m, offs_d, stride_dqn, stride_dqh, stride_dqm, stride_dqd),
              (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
@@ -449,22 +446,41 @@ def _common_args(q, k, attn_mask, key_padding_mask, key_lengths, is_causal, scal
     seed = int(seed)  # an int, or the op's int64 scalar tensor on the CPU
     scalars = dict(H=H, L=L, S=S, GROUP=H // Hkv, qk_scale=scale * math.log2(math.e), seed_lo=seed & 0xFFFFFFFF,
                    seed_hi=(seed >> 32) & 0xFFFFFFFF, threshold=dropout_threshold(dropout_p),
-                   keep_scale=1.0 / (1.0 - dropout_p))
+                   keep_scale=1.0 / (1.0 - dropout_p), L_BUCKET=triton.next_power_of_2(L),
+                   S_BUCKET=triton.next_power_of_2(S))
     meta = dict(HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), HAS_MASK=attn_mask is not None,
                 HAS_KPM=key_padding_mask is not None, HAS_LENGTHS=key_lengths is not None, IS_CAUSAL=bool(is_causal),
-                DROPOUT=dropout_p > 0)
+                DROPOUT=dropout_p > 0, PREC=precision(q.dtype))
     return tensors, strides, scalars, meta
 
 
-def _check_dtype(q):
+def precision(dtype):
+    """The dots' input precision: "tf32" (tensor cores, about 1e-3 relative error) for fp32 inputs
+    when torch allows TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32, which
+    torch.set_float32_matmul_precision("high") sets), else "ieee"."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+MAX_HEAD_DIM = 256
+
+
+def _check(q, k):
+    """Clear errors for what the kernels cannot launch: dtype, head dim, and the grid's axes 1 and
+    2 (heads and batch, at most 65535 each on CUDA)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"query: the Triton attention kernels take float16, bfloat16 or float32, got {q.dtype}")
+    N, H, _, D = q.shape
+    if D > MAX_HEAD_DIM:
+        raise NotImplementedError(f"query: the Triton attention kernels take head dims up to {MAX_HEAD_DIM}, got {D}")
+    if max(N, H, k.shape[1]) > 65535:
+        raise NotImplementedError(f"query: the Triton attention kernels take a batch and head count up to 65535 "
+                                  f"(CUDA's grid), got batch {N}, heads {H}")
 
 
 def forward(q, k, v, attn_mask, key_padding_mask, key_lengths, is_causal, scale, dropout_p, seed):
     """Launches `_forward_kernel`. q (N, H, L, D), k and v (N, Hkv, S, D). Returns out (N, H, L, D) in
     q's dtype, stored (N, L, H, D)-contiguous, and lse (N, H, L) fp32."""
-    _check_dtype(q)
+    _check(q, k)
     N, H, L, _ = q.shape
     tensors, strides, scalars, meta = _common_args(q, k, attn_mask, key_padding_mask, key_lengths, is_causal,
                                                    scale, dropout_p, seed)
@@ -481,15 +497,15 @@ def backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, key_lengt
     """Launches `_delta_kernel`, `_dkdv_kernel` and `_dq_kernel`. grad_out, out (N, H, L, D), lse (N, H, L)
     fp32 from `forward`. Returns (grad_q, grad_k, grad_v) of q's, k's and v's shapes and dtypes, stored
     (N, L or S, heads, D)-contiguous."""
-    _check_dtype(q)
+    _check(q, k)
     N, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     tensors, strides, scalars, meta = _common_args(q, k, attn_mask, key_padding_mask, key_lengths, is_causal,
                                                    scale, dropout_p, seed)
     delta = torch.empty((N, H, L), dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(L, _DELTA_BLOCK_M), H, N)](
+    _delta_kernel[(triton.cdiv(L, configs.DELTA_BLOCK_M), H, N)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L,
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=configs.DELTA_BLOCK_M)
     dq, dk, dv = _like_output(q), _like_output(k), _like_output(v)
     inputs = (q, k, v, *tensors, grad_out, lse, delta)
     input_strides = (*q.stride(), *k.stride(), *v.stride(), *strides, *grad_out.stride(), *lse.stride())

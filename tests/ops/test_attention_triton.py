@@ -235,3 +235,43 @@ def test_autotune_key_holds_every_variant(name):
     params = inspect.signature(tuner.fn.fn).parameters  # the Python function under the JIT / interpreter
     constexprs = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
     assert constexprs - {"BLOCK_M", "BLOCK_N"} <= set(tuner.keys), constexprs - set(tuner.keys)
+    assert {"L_BUCKET", "S_BUCKET"} <= set(tuner.keys)  # lengths, bucketed to powers of two
+
+
+def test_bucketed_lengths_share_a_config():
+    """L and S enter the autotune key as their next powers of two: L = 600 and L = 1000 share a
+    tuned config, L = 1100 does not."""
+    def key_args(L):
+        q = torch.empty(1, 2, L, 64, device="meta")
+        return kernels._common_args(q, q, None, None, None, False, 0.125, 0.0, 0)[2]
+    assert key_args(600)["L_BUCKET"] == key_args(1000)["L_BUCKET"] == 1024
+    assert key_args(1100)["L_BUCKET"] == 2048
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_fp32_precision_follows_torch(tf32):
+    """fp32 dots are TF32 exactly when torch allows TF32 for fp32 matmuls (what
+    torch.set_float32_matmul_precision("high") sets); half-precision inputs ignore the setting."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert kernels.precision(torch.float32) == ("tf32" if tf32 else "ieee")
+        assert kernels.precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_info_reports_fp32_dot_precision():
+    import fastdl
+
+    def reason():
+        return [r for r in fastdl.info()["ops"] if r["op"] == "attention" and r["device"] == "cuda"
+                and r["dtype"] == "float32"][0]["reason"]
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert "TF32 dots" in reason()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert "IEEE fp32 dots" in reason()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

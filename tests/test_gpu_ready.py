@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -19,10 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _python(code, timeout=900):
-    """Runs `code` in a fresh interpreter without TRITON_INTERPRET; returns its stdout."""
+    """Runs `code` in a fresh interpreter without TRITON_INTERPRET (from a file: @triton.jit reads
+    its function's source); returns its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "check.py")
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(code))
+        done = subprocess.run([sys.executable, path], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done.stdout
 

@@ -187,7 +187,8 @@ def table(rows):
             cells[r.target] = ["error", r.error.replace("|", "/"), "", ""]
             continue
         cells[r.target] = ["yes" if r.kept else "pruned", r.registers, r.spills, r.shared]
-        cells["cores"], cells["dots"] = cells["cores"] or r.cores, r.dots
+        if r.target == "sm_90" or not cells["cores"]:
+            cells["cores"], cells["dots"] = r.cores, r.dots
     head = ["op", "kernel", "dtype", "variant", "D", "config"]
     head += [f"{t} {c}" for t in targets for c in ("kept", "regs", "spill B", "smem B")] + ["cores (sm_90)", "dots"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -12,10 +12,8 @@ import multiprocessing
 import os
 
 from fastdl.gpu_ready import triton_aot
+from fastdl.gpu_ready.cases import DTYPES
 from fastdl.triton import attention_configs
-
-ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "tf32": 4}
-
 
 @dataclasses.dataclass
 class Row:
@@ -37,6 +35,10 @@ class Row:
     error: str = ""
     table_key: str = ""    # attention: the launch's key in attention_resources.json
     spill_limit: int = 0
+
+
+def element_size(case):
+    return DTYPES[case.dtype].itemsize
 
 
 def _pruner(launch):
@@ -62,7 +64,7 @@ def _candidates(case, launch):
     tensor-core list, by the dots' input type): the others are never compiled."""
     if _pruner(launch) is None:
         return launch.configs()
-    kept = attention_configs.candidates(launch.name, launch.kernel.configs, ELEMENT_SIZE[case.dtype],
+    kept = attention_configs.candidates(launch.name, launch.kernel.configs, element_size(case),
                                         launch.kwargs["PREC"])
     return [dict(c.all_kwargs()) for c in kept]
 
@@ -88,7 +90,7 @@ def _compile(job):
     row = Row(case.op, launch.name, case.dtype, case.variant, case.head_dim, target,
               attention_configs.config_name(cfg), False, grid)
     if _pruner(launch) is not None:
-        kw, es = launch.kwargs, ELEMENT_SIZE[case.dtype]
+        kw, es = launch.kwargs, element_size(case)
         row.table_key = attention_configs.table_key(launch.name, es, kw["PREC"], kw["BLOCK_D"],
                                                     kw["HAS_MASK"] or kw["HAS_KPM"] or kw["DROPOUT"])
         row.spill_limit = attention_configs.spill_limit(es, kw["BLOCK_D"])

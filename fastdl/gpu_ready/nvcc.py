@@ -7,7 +7,6 @@ host's own checks bound it (see csrc/cuda/*_api.cpp).
 """
 import concurrent.futures
 import dataclasses
-import glob
 import os
 import re
 import shutil
@@ -77,17 +76,10 @@ def compile_report(source, target, exe=None):
     with tempfile.TemporaryDirectory() as d:
         cmd = [exe, "-std=c++17", "-O3", "-c", os.path.join(ROOT, source), "-o", os.path.join(d, "k.o"),
                "-I", os.path.join(ROOT, "csrc"), f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
-        cmd += [f"-I{p}" for p in _pip_includes()]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
     return parse(source, done.stderr)
-
-
-def _pip_includes():
-    import site
-    roots = site.getsitepackages()
-    return sorted({p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "cu*", "include"))})
 
 
 def run(targets=tuple(ARCHS), sources=SOURCES, processes=None):

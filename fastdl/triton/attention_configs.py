@@ -104,7 +104,8 @@ def candidates(kernel, configs, element_size, prec):
     """The configs of `kernel` made for the launch's dots: the FMA ones for fp32 with IEEE dots,
     else the tensor-core ones."""
     fma = element_size == 4 and prec == "ieee"
-    want = {f"{m}x{n} w{w} s{st}" for m, n, w, st in (_FMA if fma else _TENSOR_CORE[kernel])}
+    want = {config_name(dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st))
+            for m, n, w, st in (_FMA if fma else _TENSOR_CORE[kernel])}
     return [c for c in configs if config_name(c) in want]
 
 

@@ -200,6 +200,23 @@ DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 def test_cuda_within_twice_pytorch_error(dtype, D, L, causal):
     """fp32 within the table; fp16 / bf16: the kernel's error against float64 at most twice that of
     PyTorch ops in the same dtype (flash-attention's rule), for out and every gradient."""
+    _check_twice_pytorch_error(dtype, D, L, causal, tf32=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("D,L,causal", [(64, 1000, False), (128, 1000, True)], ids=["D64-full", "D128-causal"])
+def test_cuda_tf32_within_twice_pytorch_error(D, L, causal):
+    """fp32 with TF32 allowed (tensor-core dots): at most twice the error of PyTorch ops under the
+    same setting (their matmuls are TF32 too), as for fp16 / bf16."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        _check_twice_pytorch_error(torch.float32, D, L, causal, tf32=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_twice_pytorch_error(dtype, D, L, causal, tf32):
     g = torch.Generator(device="cuda").manual_seed(0)
     N, H, Hkv, scale = 2, 4, 2, 1.0 / math.sqrt(D)
     q = torch.randn(N, H, L, D, generator=g, device="cuda", dtype=dtype)
@@ -212,7 +229,7 @@ def test_cuda_within_twice_pytorch_error(dtype, D, L, causal):
     got = (out, *kernels.backward(grad_out, q, k, v, out, lse, None, kpm, None, causal, scale, 0.0, 0))
     names = ("out", "grad_q", "grad_k", "grad_v")
     want = (want[0], *want[2:])
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not tf32:
         for name, a, b, n in zip(names, got, want, (L, L, L * H // Hkv, L * H // Hkv)):
             assert_close(name, a, b, dtype=dtype, n=n)
         return
